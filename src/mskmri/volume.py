@@ -255,15 +255,18 @@ class Volume:
         dst_aff = _check_affine(affine)
         # voxel(dst) -> world -> voxel(src)
         mapping = np.linalg.inv(self.affine) @ dst_aff
+        # "grid-constant": each voxel covers its box (index +- 0.5) and cval lies beyond it.
+        # Plain "constant" returns cval for any point even 1e-15 outside [0, n-1], so an
+        # identity resample of an oblique volume lost its border voxels to round-off.
         if order == 0:
             arr = ndimage.affine_transform(
                 self.array, mapping[:3, :3], offset=mapping[:3, 3], output_shape=tuple(shape),
-                order=0, mode="constant", cval=cval, prefilter=False,
+                order=0, mode="grid-constant", cval=cval, prefilter=False,
             )
         else:
             arr = ndimage.affine_transform(
                 self.array.astype(np.float32, copy=False), mapping[:3, :3], offset=mapping[:3, 3],
-                output_shape=tuple(shape), order=order, mode="constant", cval=cval,
+                output_shape=tuple(shape), order=order, mode="grid-constant", cval=cval,
                 prefilter=order > 1,
             )
         out = copy.copy(self)
