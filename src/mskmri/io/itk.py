@@ -41,7 +41,7 @@ def affine_to_itk_geometry(
     )
 
 
-def _has_spacing(img: "object", path: Path) -> bool:
+def _has_spacing(img: object, path: Path) -> bool:
     """NRRD without 'space directions'/'spacings' gets ITK's silent 1 mm: detect it."""
     if path.suffix.lower() != ".nrrd":
         return True
@@ -90,7 +90,9 @@ def write_itk(volume: Volume, path: Path) -> None:
 
     arr = volume.array
     if isinstance(volume, LabelVolume):
-        arr = arr.astype(np.uint16 if int(arr.max(initial=0)) < 65536 else np.int32)
+        lo, hi = int(arr.min(initial=0)), int(arr.max(initial=0))
+        # unsigned types would wrap negative labels around
+        arr = arr.astype(np.uint16 if lo >= 0 and hi < 65536 else np.int32)
     elif arr.dtype == np.float64:
         arr = arr.astype(np.float32)
     elif arr.dtype == bool:

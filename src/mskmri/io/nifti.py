@@ -42,7 +42,8 @@ def read_nifti(path: Path) -> Volume:
         meta_2d = True
     else:
         meta_2d = False
-    slope_applied = data.dtype.kind == "f" and np.asanyarray(img.dataobj).dtype != hdr.get_data_dtype()
+    # nibabel returns floats when scl_slope/scl_inter rescale the stored integers
+    slope_applied = data.dtype.kind == "f" and data.dtype != hdr.get_data_dtype()
     meta = {
         "source": str(path),
         "format": "nifti",
@@ -62,8 +63,12 @@ def write_nifti(volume: Volume, path: Path) -> None:
 
     arr = volume.array
     if isinstance(volume, LabelVolume):
+        minv = int(arr.min()) if arr.size else 0
         maxv = int(arr.max()) if arr.size else 0
-        arr = arr.astype(np.uint8 if maxv < 256 else np.uint16 if maxv < 65536 else np.int32)
+        if minv < 0:  # unsigned types would wrap negative labels around
+            arr = arr.astype(np.int16 if -32768 <= minv and maxv < 32768 else np.int32)
+        else:
+            arr = arr.astype(np.uint8 if maxv < 256 else np.uint16 if maxv < 65536 else np.int32)
     elif arr.dtype == np.float64:
         arr = arr.astype(np.float32)
     elif arr.dtype == bool:
