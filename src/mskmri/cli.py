@@ -77,13 +77,16 @@ def _add_info(sub: Any) -> None:
     p = sub.add_parser("info", help="describe an image, label map or DICOM folder")
     p.add_argument("path", help="image file or DICOM folder")
     p.add_argument("--json", action="store_true", help="print JSON (schema mskmri/info/1)")
+    _geometry_options(p)
     p.set_defaults(run=_run_info)
 
 
 def _run_info(args: argparse.Namespace) -> int:
+    """Describe PATH; a DICOM folder lists its series, echoes and stacks."""
     from mskmri.io.describe import describe, format_description
 
-    info = describe(args.path)
+    info = describe(args.path, series=args.series, echo=args.echo,
+                    allow_resample=args.allow_resample)
     if args.json:
         _print_json(info)
     else:
@@ -102,11 +105,32 @@ def _add_convert(sub: Any) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from mskmri.io import write
+    """Read SRC (one series/echo of a DICOM folder, or an image file) and write it to DST.
 
+    The output extension is checked before reading; a label-map sidecar beside SRC is
+    carried to DST's sidecar; DST is written atomically (nothing half-written on failure).
+    """
+    from mskmri.errors import UnsupportedFormatError
+    from mskmri.io import atomic_write_json, sidecar_path, write
+    from mskmri.io.describe import LABELMAP_SIDECAR_SCHEMA
+
+    dst = Path(args.dst)
+    if not dst.name.lower().endswith((".nii.gz", ".nii", ".nrrd", ".mha")):
+        raise UnsupportedFormatError(
+            f"cannot write {dst.name}: give an output ending in .nii.gz, .nii, .nrrd or .mha"
+        )
     vol = _read_image(args, args.src)
-    write(vol, args.dst)
-    log.info("wrote %s %s", args.dst, vol)
+    write(vol, dst)
+    src = Path(args.src)
+    side = sidecar_path(src) if src.is_file() else None
+    if side is not None and side.is_file():
+        try:
+            data = json.loads(side.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = None
+        if isinstance(data, dict) and data.get("schema") == LABELMAP_SIDECAR_SCHEMA:
+            atomic_write_json(sidecar_path(dst), data)
+    log.info("wrote %s %s", dst, vol)
     return EXIT_OK
 
 

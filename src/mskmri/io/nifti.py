@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,11 +24,12 @@ def read_nifti(path: Path) -> Volume:
     import nibabel as nib
 
     try:
-        img = nib.load(str(path))
+        img: Any = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises many kinds for broken files
+        reason = str(exc).splitlines()[0] if str(exc) else ""  # one line for the CLI
         raise UnsupportedFormatError(
-            f"{path} could not be read as NIfTI ({type(exc).__name__}: {exc}); "
+            f"{path} could not be read as NIfTI ({type(exc).__name__}: {reason}); "
             "check that the file is complete and really a NIfTI image"
         ) from exc
     hdr = img.header
@@ -51,9 +53,7 @@ def read_nifti(path: Path) -> Volume:
         "was_2d": meta_2d,
         "scaled": bool(slope_applied),
     }
-    if data.ndim != 3:
-        # Let Volume raise its DimensionError (4-D series etc.)
-        return Volume(data, affine, meta, geometry_known=known)
+    # a 4-D series or other non-3-D data: Volume raises its DimensionError
     return Volume(data, affine, meta, geometry_known=known)
 
 
