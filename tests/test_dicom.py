@@ -401,3 +401,12 @@ def test_real_multi_echo_reads_each_echo(shared_data: Path, te: float) -> None:
 def test_real_multi_echo_without_echo_is_refused(shared_data: Path) -> None:
     with pytest.raises(DicomSeriesError, match="4 echoes.*--echo"):
         read(shared_data / MESE)
+
+
+def test_copies_of_the_same_image_are_read_once(tmp_path: Path) -> None:
+    arr = ramp(SHAPE)
+    w = write_series(tmp_path / "a", arr)
+    (tmp_path / "backup").mkdir()
+    for f in w.files[:2]:
+        (tmp_path / "backup" / f.name).write_bytes(f.read_bytes())
+    np.testing.assert_array_equal(read_dicom(tmp_path).array, arr)

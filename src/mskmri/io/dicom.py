@@ -423,10 +423,16 @@ def _scan(root: Path, *, recursive: bool) -> tuple[list[_Header], int]:
     """Headers of the DICOM image files under ``root``; also the number of files looked at."""
     files = _candidate_files(root, recursive=recursive)
     headers = []
+    seen: dict[str, Path] = {}
     for f in _progress.progress(files, desc="scanning DICOM", total=len(files)):
         h = _read_header(f)
-        if h is not None:
-            headers.append(h)
+        if h is None:
+            continue
+        if h.sop_uid and h.sop_uid in seen:  # the same image twice (a copied folder)
+            log.warning("skipping %s: same SOPInstanceUID as %s", f, seen[h.sop_uid])
+            continue
+        seen[h.sop_uid] = f
+        headers.append(h)
     log.debug("%s: %d DICOM images among %d files", root, len(headers), len(files))
     return headers, len(files)
 
