@@ -134,11 +134,194 @@ def _run_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ============================================================================ measure
+def _add_measure(sub: Any) -> None:
+    from mskmri.measure import ANATOMIES
+
+    p = sub.add_parser("measure", help="measure a segmentation (volumes in mL, lesions per "
+                       "bone, ...) and write mskmri/measurements/1 JSON")
+    # choices come from the registry mskmri.measure.ANATOMIES (spine joins when it exists)
+    p.add_argument("anatomy", choices=list(ANATOMIES), help="which anatomy's measurements")
+    p.add_argument("seg", metavar="SEG", help="label map in the project's schema for ANATOMY")
+    p.add_argument("--image", metavar="IMAGE", help="the image SEG was made from (same grid)")
+    p.add_argument("--lesions", metavar="MASK", help="lesion mask on the same grid "
+                   "(1 = bone marrow lesion): adds lesion volume and count per bone")
+    p.add_argument("--json", dest="json_out", metavar="OUT", required=True,
+                   help="output JSON file (written atomically)")
+    p.set_defaults(run=_run_measure)
+
+
+def _run_measure(args: argparse.Namespace) -> int:
+    """Measure SEG with the ANATOMY's measurer and write the document atomically."""
+    from mskmri.measure import get_measurer, write_measurements
+
+    doc = get_measurer(args.anatomy)(args.seg, image_path=args.image, lesions_path=args.lesions)
+    write_measurements(args.json_out, doc)
+    log.info("wrote %d measurements to %s", len(doc["measurements"]), args.json_out)
+    return EXIT_OK
+
+
+# ============================================================================ evaluate
+def _number_list(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated numbers like 1,2,3, not {text!r}"
+            ) from None
+
+    return parse
+
+
+def _add_evaluate(sub: Any) -> None:
+    from mskmri.evaluate.metrics import (
+        DEFAULT_SIZE_EDGES_ML,
+        LESION_NEIGHBOURHOOD_MM,
+        MIN_OVERLAP_FRACTION,
+    )
+
+    p = sub.add_parser("evaluate", help="compare a predicted label map with the truth: Dice, "
+                       "IoU, HD95/ASSD (mm), volumes (mL), lesion-wise detection")
+    p.add_argument("pred", metavar="PRED", help="predicted label map")
+    p.add_argument("truth", metavar="TRUTH", help="true label map (its grid is the reference)")
+    p.add_argument("--json", dest="json_out", metavar="OUT", required=True,
+                   help="output JSON file, schema mskmri/evaluation/1 (written atomically)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--labels", type=_number_list(int), metavar="1,2,3",
+                       help="label values to evaluate (default: all present in either map)")
+    which.add_argument("--schema", choices=("knee", "spine", "lesion"),
+                       help="project label schema: names the values, refuses unknown ones "
+                       "(knee/lesion: evaluates every value of the schema)")
+    p.add_argument("--lesions", action="store_true",
+                   help="add lesion-wise detection (26-connected components) and size strata")
+    p.add_argument("--resample", action="store_true",
+                   help="resample PRED onto TRUTH's grid (nearest) when the grids differ")
+    p.add_argument("--min-overlap", type=float, default=MIN_OVERLAP_FRACTION, metavar="F",
+                   help="fraction of a true lesion the prediction must cover to hit it "
+                   "(default 0 = any overlap)")
+    p.add_argument("--size-strata", type=_number_list(float), metavar="0.1,0.5,2",
+                   default=list(DEFAULT_SIZE_EDGES_ML),
+                   help="lesion-size strata edges in mL (default 0.1,0.5,2)")
+    p.add_argument("--neighbourhood-mm", type=float, default=LESION_NEIGHBOURHOOD_MM,
+                   metavar="MM", help="radius of the per-lesion Dice neighbourhood "
+                   f"(default {LESION_NEIGHBOURHOOD_MM:g} mm)")
+    p.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate PRED against TRUTH and write the document atomically."""
+    from mskmri.evaluate.document import evaluate_files
+    from mskmri.io import atomic_write_json
+
+    doc = evaluate_files(
+        args.pred, args.truth, labels=args.labels, schema=args.schema, resample=args.resample,
+        lesions=args.lesions, min_overlap_fraction=args.min_overlap,
+        size_edges_ml=args.size_strata, neighbourhood_mm=args.neighbourhood_mm,
+    )
+    atomic_write_json(args.json_out, doc)
+    md = doc["summary"].get("mean_dice", {})
+    log.info("evaluated %d labels (mean Dice %s); wrote %s", len(doc["labels"]),
+             md.get("value"), args.json_out)
+    return EXIT_OK
+
+
+# ============================================================================ stats
+def _add_stats(sub: Any) -> None:
+    from mskmri.evaluate.stats import ALPHA, DEFAULT_SEED, N_BOOTSTRAP
+
+    p = sub.add_parser("stats", help="compare two groups over many measurements: Welch t, "
+                       "Mann-Whitney U, effect sizes with CIs, Holm correction, plots")
+    p.add_argument("inputs", nargs="+", metavar="TABLE",
+                   help="one CSV table (a row per subject; columns 'name [unit]'), or "
+                   "measurements JSON files / folders of them")
+    p.add_argument("--group", required=True, metavar="COLUMN",
+                   help="group column of the CSV or manifest (for --group-from: its name)")
+    p.add_argument("--json", dest="json_out", metavar="OUT", required=True,
+                   help="output JSON file, schema mskmri/stats/1 (written atomically)")
+    p.add_argument("--plots", metavar="DIR", help="write a box + strip plot per measurement")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--manifest", metavar="CSV",
+                     help="JSON input: CSV with columns 'file' and COLUMN")
+    src.add_argument("--group-from", choices=("parent",),
+                     help="JSON input: the group is the name of each file's folder")
+    p.add_argument("--groups", type=lambda t: [x.strip() for x in t.split(",")],
+                   metavar="REF,OTHER", help="the two groups, reference first (default: the "
+                   "two present, sorted)")
+    p.add_argument("--alpha", type=float, default=ALPHA,
+                   help=f"family-wise level after Holm correction (default {ALPHA})")
+    p.add_argument("--n-bootstrap", type=int, default=N_BOOTSTRAP,
+                   help=f"bootstrap resamples for Cliff's delta CIs (default {N_BOOTSTRAP})")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help=f"seed of the bootstrap and the plot jitter (default {DEFAULT_SEED})")
+    p.set_defaults(run=_run_stats)
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    """Compare the groups and write the document (and plots) atomically."""
+    from mskmri.evaluate.stats import stats_files
+    from mskmri.io import atomic_write_json
+
+    doc = stats_files(
+        args.inputs, group=args.group, manifest=args.manifest, group_from=args.group_from,
+        groups=args.groups, plots_dir=args.plots, alpha=args.alpha,
+        n_bootstrap=args.n_bootstrap, seed=args.seed,
+    )
+    atomic_write_json(args.json_out, doc)
+    sig = [m["name"] for m in doc["measurements"] if m["welch_t"]["significant"]]
+    log.info("compared %d measurements; Welch significant after Holm: %s; wrote %s",
+             len(doc["measurements"]), ", ".join(sig) or "none", args.json_out)
+    return EXIT_OK
+
+
+# ============================================================================ train
+def _add_train(sub: Any) -> None:
+    """``mskmri train TASK``: subcommands come from the registry of trainable tasks."""
+    from mskmri.nn.registry import COMMON_TRAIN_OPTIONS, TRAIN_TASKS
+
+    p = sub.add_parser("train", help="train a model (`mskmri train` lists the tasks)",
+                       description="Train a model. Every task is seeded, resumable "
+                       "(--resume), logs to OUT/train.log and uses a GPU when one is present; "
+                       "under torchrun it trains with DistributedDataParallel.")
+    tasks = p.add_subparsers(dest="task", metavar="TASK", parser_class=_Parser)
+    for task in TRAIN_TASKS.values():
+        tp = tasks.add_parser(task.name, help=task.help, description=task.help)
+        for opt in (*COMMON_TRAIN_OPTIONS, *task.options):
+            tp.add_argument(*opt.flags, **dict(opt.kwargs))
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    """List the tasks (no TASK given) or build the config and run the task."""
+    from mskmri.nn.registry import COMMON_TRAIN_OPTIONS, TRAIN_TASKS, option_dest
+
+    if args.task is None:
+        if not TRAIN_TASKS:
+            sys.stdout.write("no training tasks are registered yet (each arrives with its "
+                             "model: knee-seg, spine-seg, inpaint, mkd, mae, pretrain)\n")
+        for task in TRAIN_TASKS.values():
+            sys.stdout.write(f"{task.name:12s} {task.help}\n")
+        return EXIT_OK
+    from mskmri.nn.train import TrainConfig, format_command, run_task
+
+    task = TRAIN_TASKS[args.task]
+    common = {option_dest(o) for o in COMMON_TRAIN_OPTIONS}
+    given = {k: getattr(args, k) for k in common if getattr(args, k) is not None}
+    config = TrainConfig(**{**task.defaults, **given})
+    options = {option_dest(o): getattr(args, option_dest(o)) for o in task.options}
+    log.info("%s", format_command(task.name, config, options))
+    run_task(task.name, config, options)
+    return EXIT_OK
+
+
 # ============================================================================ registry
 #: (adder) for every subcommand, in help order. Add new commands here.
 _COMMANDS: list[Callable[[Any], None]] = [
     _add_info,
     _add_convert,
+    _add_measure,
+    _add_evaluate,
+    _add_stats,
 ]
 
 
