@@ -51,7 +51,7 @@ def test_oblique_series_values_and_world_coordinates_exact(tmp_path: Path) -> No
     np.testing.assert_allclose(vol.voxel_to_world(np.stack([i, j, k], 1)), expected, atol=1e-4)
     assert vol.geometry_known
     assert vol.meta["echo_time_ms"] == 12.5
-    assert vol.meta["series_description"] == "oblique"
+    assert vol.meta["description"] == "oblique"
     assert vol.meta["slice_spacing_mm"] == pytest.approx(1.3, abs=1e-5)
     assert vol.meta["slice_thickness_mm"] == 3.0  # recorded, not used as spacing
     assert vol.meta["files"] == [str(f) for f in w.files]
@@ -166,8 +166,8 @@ def test_two_series_need_a_choice(tmp_path: Path) -> None:
     msg = str(exc.value)
     assert "2 DICOM series" in msg and "'sag'" in msg and "'cor'" in msg
     assert "\n" not in msg
-    assert read_dicom(tmp_path, series="5").meta["series_description"] == "cor"
-    assert read_dicom(tmp_path, series=3).meta["series_description"] == "sag"
+    assert read_dicom(tmp_path, series="5").meta["description"] == "cor"
+    assert read_dicom(tmp_path, series=3).meta["description"] == "sag"
     assert read_dicom(tmp_path, series=b.series_uid).meta["series_number"] == 5
     assert read_dicom(tmp_path, series="2").meta["series_number"] == 5  # [index] 2
     assert read_dicom(a.files[0]).meta["series_number"] == 3  # a file picks its series

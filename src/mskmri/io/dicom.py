@@ -907,7 +907,7 @@ def _meta(ds: Any, s: _Series, headers: list[_Header], stack: _Stack, source: Pa
         "format": "dicom",
         "series_uid": s.uid,
         "series_number": h.series_number,
-        "series_description": h.description,
+        "description": h.description,  # SeriesDescription
         "study_uid": h.study_uid,
         "frame_of_reference_uid": _text(ds, "FrameOfReferenceUID"),
         "modality": h.modality,
@@ -969,9 +969,12 @@ def read_dicom(
     Volume
         ``array`` of shape ``(columns, rows, slices)`` (see the module docstring for the axis
         order and affine), rescaled values (the stored dtype when no rescale applies, int16 /
-        int32 for whole-number rescales, else float32); ``meta`` holds the series UID and
-        number, description, echo time (ms), modality, manufacturer, slice thickness and
-        spacing (mm), the files and SOP instance UIDs in slice order. A stack without
+        int32 for whole-number rescales, else float32); ``meta`` holds ``series_uid``,
+        ``series_number``, ``description`` (SeriesDescription), ``study_uid``,
+        ``frame_of_reference_uid``, ``modality``, ``manufacturer``, ``echo_time_ms``,
+        ``echo_number``, ``repetition_time_ms``, ``flip_angle_deg``, ``slice_thickness_mm``
+        (as recorded), ``slice_spacing_mm`` (from the positions), and ``files`` /
+        ``sop_instance_uids`` in slice order (axis 2). A stack without
         position/orientation/pixel spacing is read in InstanceNumber order with
         ``geometry_known=False``; a single slice gets ``meta["was_2d"] = True`` and a slice
         spacing from SpacingBetweenSlices or SliceThickness.
