@@ -410,3 +410,18 @@ def test_copies_of_the_same_image_are_read_once(tmp_path: Path) -> None:
     for f in w.files[:2]:
         (tmp_path / "backup" / f.name).write_bytes(f.read_bytes())
     np.testing.assert_array_equal(read_dicom(tmp_path).array, arr)
+
+
+def test_file_without_preamble_is_read(tmp_path: Path) -> None:
+    # old "bare" DICOM: no 128-byte preamble, no DICM, no file meta
+    import pydicom
+
+    w = write_series(tmp_path / "src", ramp((8, 6, 3)))
+    for f in w.files:
+        ds = pydicom.dcmread(f)
+        ds.preamble = None
+        del ds.file_meta
+        ds.save_as(tmp_path / f.name, implicit_vr=True, little_endian=True)
+    bare = tmp_path / w.files[0].name
+    assert bare.read_bytes()[:2] == b"\x08\x00" and is_dicom_file(bare)
+    np.testing.assert_array_equal(read_dicom(bare).array, ramp((8, 6, 3)))

@@ -346,18 +346,26 @@ def is_dicom_file(path: str | os.PathLike[str]) -> bool:
         A file; folders and unreadable paths give False.
     """
     p = Path(path)
-    try:
-        with p.open("rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
+    head = _head(p)
     if len(head) == 132 and head[128:132] == b"DICM":
         return True
-    # Old files without the 128-byte preamble start directly with an element of group
-    # 0002 or 0008 (little endian); accept them only if a forced parse finds a DICOM SOP class.
-    if head[:2] not in (b"\x02\x00", b"\x08\x00"):
-        return False
-    return _read_header(p, force=True) is not None
+    return _bare_dataset_start(head) and _read_header(p, force=True) is not None
+
+
+def _head(path: Path) -> bytes:
+    """The first 132 bytes (preamble + ``DICM``), or b"" when unreadable."""
+    try:
+        with path.open("rb") as fh:
+            return fh.read(132)
+    except OSError:
+        return b""
+
+
+def _bare_dataset_start(head: bytes) -> bool:
+    """Old files without the 128-byte preamble start directly with an element of group 0002
+    or 0008 (little endian); such files are accepted only if a forced parse then finds a
+    DICOM SOP class."""
+    return head[:2] in (b"\x02\x00", b"\x08\x00")
 
 
 def _read_header(path: Path, *, force: bool = False) -> _Header | None:
@@ -369,7 +377,7 @@ def _read_header(path: Path, *, force: bool = False) -> _Header | None:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS),
                              force=force)
     except InvalidDicomError:
-        if force or not is_dicom_file(path):
+        if force or not _bare_dataset_start(_head(path)):
             return None
         return _read_header(path, force=True)
     except Exception as exc:  # truncated or corrupt: pydicom raises many kinds
@@ -465,8 +473,9 @@ def _cluster_orientations(headers: list[_Header], atol: float) -> list[list[_Hea
 
 
 def _has_duplicate_positions(headers: list[_Header], position_atol: float) -> bool:
+    """Whether two slices lie within ``position_atol`` mm of each other along the normal."""
     if len(headers) < 2 or any(h.iop is None or h.ipp is None for h in headers):
-        return len({h.sop_uid for h in headers}) < len(headers)
+        return False  # without positions there is nothing to compare
     n = _normal(headers[0].iop)  # type: ignore[arg-type]
     d = np.sort(np.asarray([h.ipp for h in headers]) @ n)
     return bool(np.any(np.diff(d) < position_atol))
@@ -825,6 +834,22 @@ def _pick_stack(s: _Series, info: DicomSeriesInfo, stack_index: int | None,
 
 
 # ---------------------------------------------------------------------------- pixels
+def _set_transfer_syntax(ds: Any) -> None:
+    """A bare dataset (no file meta) has no TransferSyntaxUID, which pydicom needs to decode
+    the pixels; set it from the encoding the parser found (uncompressed by definition)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = ds.original_encoding
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                              ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+
 def _read_pixels(headers: list[_Header]) -> tuple[np.ndarray, Any, bool]:
     """Read and rescale slices (in the given order) into a (cols, rows, n) array.
 
@@ -839,12 +864,14 @@ def _read_pixels(headers: list[_Header]) -> tuple[np.ndarray, Any, bool]:
     first = None
     for h in _progress.progress(headers, desc="reading DICOM", total=len(headers)):
         try:
-            ds = pydicom.dcmread(h.path)
+            # the scan has established that this is DICOM; force also reads bare datasets
+            ds = pydicom.dcmread(h.path, force=True)
         except Exception as exc:  # truncated or corrupt since the scan
             raise UnsupportedFormatError(
                 f"{h.path} could not be read as DICOM ({type(exc).__name__}); check that the "
                 "file is complete"
             ) from exc
+        _set_transfer_syntax(ds)
         try:
             px = ds.pixel_array
         except Exception as exc:  # no decoder for a compressed syntax, truncated pixel data
