@@ -169,7 +169,9 @@ def test_two_series_need_a_choice(tmp_path: Path) -> None:
     assert read_dicom(tmp_path, series="5").meta["description"] == "cor"
     assert read_dicom(tmp_path, series=3).meta["description"] == "sag"
     assert read_dicom(tmp_path, series=b.series_uid).meta["series_number"] == 5
-    assert read_dicom(tmp_path, series="2").meta["series_number"] == 5  # [index] 2
+    assert read_dicom(tmp_path, series="2").meta["series_number"] == 5  # no number 2: index
+    assert read_dicom(tmp_path, series="[1]").meta["series_number"] == 3
+    assert read_dicom(tmp_path, series="[2]").meta["series_number"] == 5
     assert read_dicom(a.files[0]).meta["series_number"] == 3  # a file picks its series
     with pytest.raises(DicomSeriesError, match="no DICOM series '9'"):
         read_dicom(tmp_path, series="9")

@@ -760,7 +760,10 @@ def _pick_series(series: list[_Series], choice: str | None, root: Path,
     for s in series:
         if s.uid == choice:
             return s
-    if choice.isdigit():
+    if choice.startswith("[") and choice.endswith("]") and choice[1:-1].isdigit():
+        if 1 <= int(choice[1:-1]) <= len(series):  # "[2]": always the listing index
+            return series[int(choice[1:-1]) - 1]
+    elif choice.isdigit():
         by_number = [s for s in series if s.first.series_number == int(choice)]
         if len(by_number) == 1:
             return by_number[0]
@@ -975,8 +978,8 @@ def read_dicom(
         stack unless ``series`` / ``echo`` say otherwise.
     series : str or int, optional
         Needed when the folder holds several series: a SeriesInstanceUID, a SeriesNumber, or
-        the ``[index]`` that :func:`list_series` / ``mskmri info`` shows (a number is first
-        taken as a SeriesNumber). ``"SERIES:K"`` picks stack ``K`` of a series that splits
+        the ``[index]`` that :func:`list_series` / ``mskmri info`` shows (a bare number is
+        first taken as a SeriesNumber, then as an index; ``"[2]"`` is always the index). ``"SERIES:K"`` picks stack ``K`` of a series that splits
         into stacks not told apart by echo (e.g. a three-plane localizer).
     echo : float or int, optional
         Needed for a multi-echo series: an echo time in ms (matched within
