@@ -39,7 +39,7 @@ def random_orientation_affine(rng: np.random.Generator, spacing=(0.7, 0.4, 0.5))
     signs = rng.choice([-1.0, 1.0], size=3)
     aff = np.eye(4)
     aff[:3, :3] = 0
-    for col, (row, sgn) in enumerate(zip(perm, signs)):
+    for col, (row, sgn) in enumerate(zip(perm, signs, strict=True)):
         aff[row, col] = sgn * spacing[col]
     aff[:3, 3] = rng.uniform(-100, 100, size=3)
     return aff

@@ -128,6 +128,15 @@ class Volume:
                 "give an image with its geometry (NIfTI with qform/sform, NRRD, MHA or DICOM)"
             )
 
+    def require_3d(self, what: str = "this step") -> None:
+        """Raise :class:`DimensionError` when the source was a single 2-D slice."""
+        if self.meta.get("was_2d") or 1 in self.shape:
+            src = self.meta.get("source", "the input")
+            raise DimensionError(
+                f"{src} is a 2-D image (shape {self.shape}), but {what} needs a 3-D volume; "
+                "give the whole series or a 3-D file"
+            )
+
     # ------------------------------------------------------------------ construction helpers
     def with_array(self, array: npt.ArrayLike, **meta_updates: Any) -> Volume:
         """A new volume with the same geometry and class, holding ``array`` (same shape)."""
