@@ -322,6 +322,7 @@ _COMMANDS: list[Callable[[Any], None]] = [
     _add_measure,
     _add_evaluate,
     _add_stats,
+    _add_train,
 ]
 
 

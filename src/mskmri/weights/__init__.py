@@ -1,0 +1,52 @@
+"""Shipped model weights: ``<file>.safetensors`` + its model card ``<file>.json`` each.
+
+This module is pure data (no torch): :data:`MODELS` maps a model's public name to the weight
+file in this folder and to the ``mskmri train`` task that reproduces it. Load a model with
+:func:`mskmri.nn.registry.load_model`; write one with :func:`mskmri.nn.registry.save_model`.
+
+A model is added here only together with its weight file and card (never a placeholder).
+Size budget (ARCHITECTURE.md): each model under 25 MB, all shipped weights under 80 MB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+#: This folder: where shipped weight files and their cards live.
+WEIGHTS_DIR = Path(__file__).resolve().parent
+
+#: Size budget of one shipped weight file, MB (10**6 bytes).
+MODEL_SIZE_BUDGET_MB = 25.0
+#: Size budget of all shipped weight files together, MB.
+TOTAL_SIZE_BUDGET_MB = 80.0
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One shipped model.
+
+    Parameters
+    ----------
+    file : str
+        Weight file name in :data:`WEIGHTS_DIR` (``*.safetensors``; the card is ``*.json``).
+    task : str
+        The ``mskmri train`` task that reproduces it (e.g. ``"knee-seg"``).
+    description : str
+        One line for listings.
+    """
+
+    file: str
+    task: str
+    description: str
+
+    @property
+    def path(self) -> Path:
+        """Absolute path of the weight file."""
+        return WEIGHTS_DIR / self.file
+
+
+#: Public model name -> entry. Filled by the issues that train and ship each model.
+MODELS: dict[str, ModelEntry] = {}
+
+__all__ = ["MODELS", "MODEL_SIZE_BUDGET_MB", "TOTAL_SIZE_BUDGET_MB", "WEIGHTS_DIR", "ModelEntry"]
