@@ -43,8 +43,28 @@ def _tconv_cls(dims: int) -> type[nn.Module]:
     return nn.ConvTranspose3d if dims == 3 else nn.ConvTranspose2d
 
 
-def _norm_cls(dims: int) -> type[nn.Module]:
-    return nn.InstanceNorm3d if dims == 3 else nn.InstanceNorm2d
+class InstanceNorm(nn.Module):
+    """Instance normalisation with a learnt per-channel scale and shift, any spatial rank.
+
+    Computed as group norm with one channel per group, which is the same operation:
+    torch's ``instance_norm`` copies channels-last tensors to contiguous ones, while
+    ``group_norm`` has channels-last CPU kernels (measured on this machine, a 2x16x80x160x160
+    tensor: 0.47 s vs 0.14 s in fp32, 0.24 s vs 0.08 s in bf16). Parameters are named as in
+    ``nn.InstanceNorm3d(affine=True)`` (``weight``, ``bias``).
+    """
+
+    def __init__(self, channels: int, eps: float = NORM_EPS) -> None:
+        super().__init__()
+        self.channels = channels
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.group_norm(x, self.channels, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, eps={self.eps}"
 
 
 def _dropout_cls(dims: int) -> type[nn.Module]:
@@ -184,7 +204,7 @@ class ConvNormAct(nn.Sequential):
         pad = tuple(k // 2 for k in kernel)
         layers: list[nn.Module] = [
             _conv_cls(dims)(c_in, c_out, kernel, stride=stride, padding=pad, bias=False),
-            _norm_cls(dims)(c_out, eps=NORM_EPS, affine=True),
+            InstanceNorm(c_out),
         ]
         if act:
             layers.append(nn.LeakyReLU(LEAKY_SLOPE, inplace=True))
