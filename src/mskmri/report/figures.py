@@ -58,13 +58,13 @@ _PLANE_AXES: Mapping[str, tuple[int, int, int]] = {
 _OPPOSITE = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}
 
 #: Opacity of the label colour fill inside structures (0..1).
-FILL_ALPHA = 0.30
+FILL_ALPHA = 0.25
 #: Opacity of the one-pixel structure outlines (0..1).
 CONTOUR_ALPHA = 0.95
 #: Intensity window: percentiles of the image's non-zero voxels mapped to black and white.
 WINDOW_PERCENTILES = (0.5, 99.5)
 #: Height of one panel in inches; panel widths follow each plane's true aspect ratio.
-PANEL_HEIGHT_IN = 3.6
+PANEL_HEIGHT_IN = 3.4
 #: Output resolution in dots per inch.
 DPI = 120
 #: Figure and panel background (dark, as a reading room viewer).
@@ -298,13 +298,15 @@ def _draw_panel(
     scale_bar_mm: float,
     fill_alpha: float,
     contour_alpha: float,
+    show_labels: bool = True,
+    show_title: bool = True,
 ) -> None:
     import matplotlib.patheffects as pe
 
     ax.set_facecolor(BACKGROUND)
     ax.imshow(sl.image, cmap="gray", vmin=window[0], vmax=window[1], extent=sl.extent,
               origin="upper", interpolation="nearest", aspect="equal")
-    for lab, table in zip(sl.labels, colours, strict=True):
+    for lab, table in zip(sl.labels if show_labels else [], colours, strict=False):
         ax.imshow(_overlay_rgba(lab, table, fill_alpha=fill_alpha, contour_alpha=contour_alpha),
                   extent=sl.extent, origin="upper", interpolation="nearest", aspect="equal")
     left, right, bottom, top = sl.extent
@@ -325,9 +327,10 @@ def _draw_panel(
             path_effects=[pe.withStroke(linewidth=4, foreground="black")])
     ax.text(x1 - bar / 2, y - 0.6 * vpad, f"{bar:g} mm", ha="center", va="bottom",
             color="white", fontsize=8, path_effects=outline)
-    axis_name = "xyz"[_PLANE_AXES[sl.plane][0]]
-    ax.set_title(f"{sl.plane.capitalize()}   {axis_name} = {sl.position_mm:.1f} mm   "
-                 f"(slice {sl.index + 1}/{sl.count})", color="#dde3ea", fontsize=9, pad=4)
+    if show_title:
+        axis_name = "xyz"[_PLANE_AXES[sl.plane][0]]
+        ax.set_title(f"{sl.plane.capitalize()}   {axis_name} = {sl.position_mm:.1f} mm   "
+                     f"(slice {sl.index + 1}/{sl.count})", color="#dde3ea", fontsize=10, pad=5)
     ax.set_xlim(left, right)
     ax.set_ylim(bottom, top)
     ax.set_xticks([])
@@ -345,6 +348,7 @@ def overlay_figure(
     planes: Sequence[str] = PLANES,
     fill_alpha: float = FILL_ALPHA,
     contour_alpha: float = CONTOUR_ALPHA,
+    plain_row: bool = False,
     dpi: int = DPI,
 ) -> bytes:
     """Slice overlay of an image and its label maps, one panel per plane, as PNG bytes.
@@ -365,6 +369,9 @@ def overlay_figure(
         Panels to draw, from :data:`PLANES`.
     fill_alpha, contour_alpha : float
         Opacity of label fills and outlines (0..1).
+    plain_row : bool
+        Add a first row with the image alone, so the overlay row can be compared with what
+        is under it.
     dpi : int
         Resolution of the PNG.
 
@@ -379,6 +386,7 @@ def overlay_figure(
         When a label map is not on the image's grid.
     """
     from matplotlib.figure import Figure
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
     from matplotlib.patches import Patch
 
     maps: list[LabelVolume] = [m for m in (segmentation, lesions) if m is not None]
@@ -398,13 +406,18 @@ def overlay_figure(
     window = intensity_window(image)
 
     ratios = [(s.extent[1] - s.extent[0]) / (s.extent[2] - s.extent[3]) for s in slices]
-    fig = Figure(figsize=(PANEL_HEIGHT_IN * sum(ratios) + 0.3, PANEL_HEIGHT_IN + 1.2),
-                 dpi=dpi, facecolor=BACKGROUND, layout="constrained")
-    axes = fig.subplots(1, len(slices), width_ratios=ratios, squeeze=False)[0]
+    rows = [False, True] if plain_row else [True]  # show_labels per row
+    fig = Figure(figsize=(PANEL_HEIGHT_IN * sum(ratios) + 0.4,
+                          PANEL_HEIGHT_IN * len(rows) + (1.4 if maps else 0.5)),
+                 dpi=dpi, facecolor=BACKGROUND,
+                 layout=ConstrainedLayoutEngine(h_pad=0.08, w_pad=0.06))
+    axes = fig.subplots(len(rows), len(slices), width_ratios=ratios, squeeze=False)
     bar = _scale_bar_mm(min(s.extent[1] - s.extent[0] for s in slices))  # one length for all
-    for ax, sl in zip(axes, slices, strict=True):
-        _draw_panel(ax, sl, window, tables, scale_bar_mm=bar, fill_alpha=fill_alpha,
-                    contour_alpha=contour_alpha)
+    for r, show_labels in enumerate(rows):
+        for ax, sl in zip(axes[r], slices, strict=True):
+            _draw_panel(ax, sl, window, tables, scale_bar_mm=bar, fill_alpha=fill_alpha,
+                        contour_alpha=contour_alpha, show_labels=show_labels,
+                        show_title=r == 0)
 
     handles = []
     for k, (m, table) in enumerate(zip(maps, tables, strict=True)):
@@ -415,7 +428,7 @@ def overlay_figure(
     if handles:
         ncol = max(1, min(len(handles), int(sum(ratios) * PANEL_HEIGHT_IN // 1.9)))
         fig.legend(handles=handles, loc="outside lower center", ncol=ncol, frameon=False,
-                   fontsize=8, labelcolor="#dde3ea", handlelength=1.2, columnspacing=1.2)
+                   fontsize=9, labelcolor="#dde3ea", handlelength=1.2, columnspacing=1.4)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, facecolor=BACKGROUND)
     log.debug("overlay figure: %d planes, %d legend entries, %d bytes", len(slices),

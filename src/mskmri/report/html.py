@@ -386,5 +386,5 @@ def write_report(path: str | os.PathLike[str], **kwargs: Any) -> Path:
 
     html = render_report(**kwargs)
     out = atomic_write_text(path, html)
-    log.info("wrote report %s (%.0f kB)", out, len(html.encode("utf-8")) / 1024)
+    log.debug("wrote report %s (%.0f kB)", out, len(html.encode("utf-8")) / 1024)
     return out
