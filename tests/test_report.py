@@ -150,6 +150,23 @@ def test_overlay_figure_is_a_nonblank_png(knee_like) -> None:
     assert magenta.sum() > 20
 
 
+def test_plain_row_adds_an_image_only_row(knee_like) -> None:
+    """With ``plain_row`` the first row is the bare image: no label colour in it."""
+    from PIL import Image
+
+    image, seg, les = knee_like
+    one = Image.open(io.BytesIO(overlay_figure(image, seg, lesions=les))).size
+    two_png = overlay_figure(image, seg, lesions=les, plain_row=True)
+    two = Image.open(io.BytesIO(two_png)).size
+    assert two[0] == one[0] and two[1] > 1.6 * one[1] - 200
+    pixels = np.asarray(Image.open(io.BytesIO(two_png)).convert("RGB")).astype(int)
+    top = pixels[: pixels.shape[0] // 3]
+    saturation = top.max(axis=2) - top.min(axis=2)
+    assert (saturation > 60).mean() < 0.001  # grey image, white letters: no tinted labels
+    bottom = pixels[pixels.shape[0] // 2:]
+    assert ((bottom.max(axis=2) - bottom.min(axis=2)) > 60).mean() > 0.01
+
+
 def test_overlay_refuses_a_label_map_off_the_image_grid(knee_like) -> None:
     image, seg, _ = knee_like
     shifted = LabelVolume(seg.array, seg.affine + np.diag([0, 0, 0, 0]) + _shift(5.0),
