@@ -38,7 +38,7 @@ from mskmri.measure.base import (
 ANATOMIES: Mapping[str, str] = MappingProxyType(
     {
         "knee": "mskmri.measure.knee:measure_knee_files",
-        # "spine": "mskmri.measure.spine:measure_spine_files",  # added with measure/spine.py
+        "spine": "mskmri.measure.spine:measure_spine_files",
     }
 )
 
