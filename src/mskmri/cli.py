@@ -134,6 +134,30 @@ def _run_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ============================================================================ demo
+def _add_demo(sub: Any) -> None:
+    from mskmri.demo import DEFAULT_CONTRAST, DEFAULT_SEED, DEMO_CONTRASTS
+
+    p = sub.add_parser("demo", help="synthesise a phantom knee, measure it and write a report "
+                       "(no input needed)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder (created; a previous demo output there is replaced)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help=f"seed of the phantom and the rendering (default {DEFAULT_SEED})")
+    p.add_argument("--contrast", choices=DEMO_CONTRASTS, default=DEFAULT_CONTRAST,
+                   help=f"MR contrast to render (default {DEFAULT_CONTRAST})")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from mskmri.demo import run_demo
+
+    command = " ".join(["mskmri", "demo", "--out", str(args.out), "--seed", str(args.seed),
+                        "--contrast", args.contrast])
+    run_demo(args.out, seed=args.seed, contrast=args.contrast, command=command)
+    return EXIT_OK
+
+
 # ============================================================================ measure
 def _add_measure(sub: Any) -> None:
     from mskmri.measure import ANATOMIES
@@ -319,6 +343,7 @@ def _run_train(args: argparse.Namespace) -> int:
 _COMMANDS: list[Callable[[Any], None]] = [
     _add_info,
     _add_convert,
+    _add_demo,
     _add_measure,
     _add_evaluate,
     _add_stats,
