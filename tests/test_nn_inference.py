@@ -108,6 +108,14 @@ def test_buffers_are_allocated_once_and_reused() -> None:
     second = inferer.labels(img + 0.0)
     assert inferer._acc.data_ptr() == acc_ptr and inferer._inbuf.data_ptr() == in_ptr
     np.testing.assert_array_equal(first, second)  # the reused accumulator was zeroed
+    for layout in (True, False):  # returned logits never alias the reused accumulator
+        inf = SlidingWindowInferer(VoxelwiseNet(), SlidingWindowConfig((8, 8, 8),
+                                                                       channels_last=layout))
+        a = inf.logits(img)
+        keep = a.copy()
+        inf.logits(img * 2.0)
+        np.testing.assert_array_equal(a, keep)
+        assert a.flags.c_contiguous
 
 
 def test_unet_bf16_and_onnx_agree_with_fp32(tmp_path) -> None:

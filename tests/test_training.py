@@ -115,6 +115,12 @@ def test_crash_resumes_from_the_last_periodic_checkpoint(tmp_path: Path) -> None
     _assert_same_weights(full.model, resumed.model)
 
 
+def test_worker_processes_load_the_same_samples(tmp_path: Path) -> None:
+    inline = fit(_model(), objective, Squares(), _cfg(tmp_path / "w0", steps=3))
+    worker = fit(_model(), objective, Squares(), _cfg(tmp_path / "w1", steps=3, workers=1))
+    _assert_same_weights(inline.model, worker.model)
+
+
 def test_outputs_log_metrics_and_config(tmp_path: Path) -> None:
     out = tmp_path / "run"
     fit(_model(), objective, Squares(), _cfg(out, log_every=2), command="mskmri train toy")

@@ -339,7 +339,7 @@ def make_optimizer(params: Sequence[nn.Parameter], config: TrainConfig) -> torch
 
 # ============================================================================ checkpoints
 def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()  # noqa: NPY002  (the global one, saved for resume)
+    np_state: Any = np.random.get_state()  # noqa: NPY002  (the global one, saved for resume)
     py_state = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
