@@ -338,6 +338,45 @@ def _run_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ============================================================================ synth
+def _add_synth(sub: Any) -> None:
+    p = sub.add_parser("synth", help="render an MR image (and its exact truth) from a label "
+                       "map or a phantom")
+    p.add_argument("anatomy", choices=["knee"], help="which anatomy (knee)")
+    p.add_argument("labels", metavar="LABELS", help="knee label map (OAI lesion map, pymskt, "
+                   "SPL atlas, CartiMorph, or the project schema) or the word `phantom`")
+    p.add_argument("out", metavar="OUT", help="output folder: image.nii.gz, labels.nii.gz, "
+                   "lesions.nii.gz (+ sidecars), synth.json (written atomically)")
+    p.add_argument("--contrast", default="dess", help="dess, iw-fs, t2, t1, pd or random "
+                   "(default dess)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random step (default 0)")
+    p.add_argument("--source", help="label source of LABELS (oai_lesion, pymskt, spl_atlas, "
+                   "cartimorph, knee); detected from the file when omitted")
+    p.add_argument("--effusion-ml", type=float, help="total joint effusion in mL (default: "
+                   "keep the map's own, else drawn at random; 0 = none)")
+    p.add_argument("--lesion-ml", type=float, nargs="+", metavar="ML",
+                   help="insert one bone marrow lesion per volume given (mL)")
+    p.add_argument("--lesion-bone", nargs="+", default=["femur"], metavar="BONE",
+                   help="bone of the lesions: femur, tibia or patella (one, or one per lesion)")
+    p.add_argument("--inplane", type=int, metavar="N", help="output in-plane matrix (e.g. "
+                   "112, 224, 448) over the same field of view; default: the input grid")
+    p.add_argument("--no-deform", action="store_true",
+                   help="no random affine or elastic deformation (outputs on the input grid)")
+    p.set_defaults(run=_run_synth)
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    from mskmri.synth.output import synth_knee
+
+    folder = synth_knee(
+        args.labels, args.out, contrast=args.contrast, seed=args.seed, source=args.source,
+        effusion_ml=args.effusion_ml, lesion_ml=args.lesion_ml, lesion_bone=args.lesion_bone,
+        inplane=args.inplane, deform=not args.no_deform,
+    )
+    log.info("wrote %s", folder)
+    return EXIT_OK
+
+
 # ============================================================================ registry
 #: (adder) for every subcommand, in help order. Add new commands here.
 _COMMANDS: list[Callable[[Any], None]] = [
@@ -348,6 +387,7 @@ _COMMANDS: list[Callable[[Any], None]] = [
     _add_evaluate,
     _add_stats,
     _add_train,
+    _add_synth,
 ]
 
 

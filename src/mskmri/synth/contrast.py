@@ -98,7 +98,7 @@ _PD_M = {"air": 0.01, "marrow": 0.60, "cortex": 0.03, "cartilage": 0.42, "menisc
 CONTRASTS: Mapping[str, ContrastModel] = MappingProxyType({
     "dess": ContrastModel(
         "dess", "3D double-echo steady state, water excitation (OAI SAG 3D DESS WE)",
-        _DESS_M, _std(_DESS_M, marrow=0.015, muscle=0.03), bml=0.10,
+        _DESS_M, _std(_DESS_M, marrow=0.015, muscle=0.03), bml=0.09,
         fat_suppressed=True, fluid_sensitive=False),
     "iw-fs": ContrastModel(
         "iw-fs", "intermediate-weighted turbo spin echo, fat-suppressed (OAI SAG IW TSE FS)",

@@ -58,7 +58,9 @@ def _solids(shape: Sequence[int], spacing: Sequence[float], rng: np.random.Gener
     femur &= ~notch
     # ---------------- tibia: plateau, spine, metaphysis, shaft
     plateau_top = zj - 2.5 * s
-    tibia = (ellipsoid_radius(x, y, z, (cx, cy - 6 * s, plateau_top), (38 * s * j(), 22 * s, 22 * s)) < 1) & (z <= plateau_top)
+    # the medial plateau (x < cx, a right knee) sits about 1 mm lower than the lateral one
+    top_here = plateau_top - np.where(x < cx, 1.0 * s, 0.0)
+    tibia = (ellipsoid_radius(x, y, z, (cx, cy - 6 * s, plateau_top), (38 * s * j(), 22 * s, 22 * s)) < 1) & (z <= top_here)
     tibia |= ellipsoid_radius(x, y, z, (cx, cy - 7 * s, plateau_top), (5 * s, 10 * s, 4 * s)) < 1
     tibia |= ellipsoid_radius(x, y, z, (cx + 3 * s, cy + 10 * s, zj - 24 * s), (10 * s, 7 * s, 12 * s)) < 1
     tibia |= segment_distance(x, y, z, (cx, cy - 1 * s, zj - 25 * s), (cx + 1 * s, cy + 1 * s, -20.0)) < 12.5 * s
@@ -82,8 +84,11 @@ def _solids(shape: Sequence[int], spacing: Sequence[float], rng: np.random.Gener
     fem_cart &= ~((np.abs(x - cx) < 9 * s) & (y < cy + 4 * s) & (z > zj))  # no cartilage in the notch
     lab[fem_cart & (lab == 0)] = K["femoral_cartilage"]
     d_tib = ndimage.distance_transform_edt(lab != K["tibia"], sampling=sp)
-    plate = (d_tib > 0) & (d_tib <= 2.0 * s) & (z > plateau_top - 1.0) & (np.abs(x - cx) > 7 * s)
-    plate &= ellipsoid_radius(x, y, z, (cx, cy - 6 * s, plateau_top), (34 * s, 19 * s, 10 * s)) < 1
+    plate = (d_tib > 0) & (d_tib <= 2.0 * s) & (z > top_here - 1.0) & (np.abs(x - cx) > 7 * s)
+    # medial plate oval (longer antero-posteriorly), lateral plate rounder
+    plate &= np.where(x < cx,
+                      ellipsoid_radius(x, y, z, (cx, cy - 6 * s, plateau_top), (34 * s, 20 * s, 10 * s)) < 1,
+                      ellipsoid_radius(x, y, z, (cx, cy - 5 * s, plateau_top), (34 * s, 15 * s, 10 * s)) < 1)
     lab[plate & (x < cx) & (lab == 0)] = K["medial_tibial_cartilage"]
     lab[plate & (x >= cx) & (lab == 0)] = K["lateral_tibial_cartilage"]
     d_pat = ndimage.distance_transform_edt(lab != K["patella"], sampling=sp)
@@ -139,7 +144,8 @@ def phantom_knee(
     truth.meta.update(meta)
     lesions = scene.lesion_mask()
     lesions.meta.update({"synthetic": True})
-    missing = [KNEE[v] for v in KNEE if v not in set(np.unique(truth.array))]
+    present = set(np.nonzero(np.bincount(truth.array.ravel(), minlength=len(KNEE) + 1))[0].tolist())
+    missing = [KNEE[v] for v in KNEE if v not in present]
     if missing:
         raise SynthesisError(f"phantom grid {shape} at {spacing} mm is too coarse or small to "
                              f"hold {missing}; use a larger grid")
