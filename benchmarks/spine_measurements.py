@@ -22,7 +22,8 @@ What it does (issue 6, "Measurements"):
   the skull base). In this file the body class is value **2** and the disc class value **1**
   (the reverse of the dataset README and ``mskmri.labels.U2AD``; checked visually and by
   shape: value 1 forms thin horizontal bands between the value-2 blocks). C2-C7 Cobb (primary
-  and reference), MSCC per disc, K-line, T2-MI/RSCI with the image.
+  and reference), MSCC per disc, K-line, T2-MI/RSCI with the image, and the level holding the
+  labelled T2 hyperintensity (value 6, where present) to compare with the T2-MI/RSCI rule.
 - SCT ``t2`` (cervical 3-D, manual cord mask labelled by level C2..C5): cord cross-sectional
   area per level, a plausibility check only (no reference values shipped).
 """
@@ -193,7 +194,7 @@ def run_u2ad(data: Path) -> dict[str, Any]:
             "rsci": {m.structure: _r(m.value, 2) for m in ms if m.name == "rsci"},
             "cord_t2_hyperintense": {m.structure: int(m.value) for m in ms
                                      if m.name == "cord_t2_hyperintense"},
-            "hyperintensity_label_present": bool(np.any(labels == U2AD_HYPER)),
+            "hyperintensity_label_level": _hyper_level(seg, res),
             "warnings": split_warnings + res.warnings,
         }
         by_value = {g.value: g for g in res.vertebrae.values()}
@@ -205,6 +206,18 @@ def run_u2ad(data: Path) -> dict[str, Any]:
             entry["cobb_C2_C7_diff_deg"] = _r(pc - rc) if pc is not None else None
         out[key] = entry
     return out
+
+
+def _hyper_level(seg: LabelVolume, res: Any) -> str | None:
+    """Level segment (as in the T2-MI definition) holding the centroid of the labelled
+    hyperintensity (203), or None when there is none."""
+    idx = np.argwhere(seg.array == 203)
+    if idx.size == 0:
+        return None
+    c = seg.voxel_to_world(idx).mean(axis=0)
+    tops = [(g.structure, g.mid_top) for g in res.vertebrae.values() if g.mid_top is not None]
+    above = [name for name, top in tops if top[2] >= c[2]]
+    return above[-1] if above else None
 
 
 def run_sct(data: Path) -> dict[str, Any]:

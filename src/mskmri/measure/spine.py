@@ -99,7 +99,11 @@ the upper one (band-averaged as above).
   of ``v``'s middle-height line (normal ``si`` of ``v``) and the same plane of ``v + 1``
   (the body and the disc below it); the last measured body ends at its own inferior end.
 - ``cord_t2_mi`` (%) per level (needs the image): (max - min) x 100 / mean of the image over
-  the cord voxels of the segment (all of them in 3-D). ``rsci`` = 3 T2-MI_i / (T2-MI_{i-1} +
+  the cord voxels of the segment (all of them in 3-D) that lie farther than
+  :data:`T2MI_CORD_EROSION_MM` from the cord's boundary. Without that erosion the voxels at the
+  boundary, partial-volumed with bright CSF, set the maximum: on the U2AD clinical slices
+  T2-MI was then 66-211% at every level and the labelled hyperintensity was missed; with it
+  the labelled level is the one flagged. ``rsci`` = 3 T2-MI_i / (T2-MI_{i-1} +
   T2-MI_i + T2-MI_{i+1}) for levels with both neighbours. ``cord_t2_hyperintense`` (1/0):
   T2-MI >= :data:`T2MI_THRESHOLD` (23.7, the paper; the authors' code uses
   :data:`T2MI_THRESHOLD_CODE` = 22.5, also recorded) and RSCI >= :data:`RSCI_THRESHOLD`.
@@ -108,6 +112,12 @@ the upper one (band-averaged as above).
   the cord centreline (slice centroids, smoothed over 3 slices) and the slice normal; mean
   over the slices whose centroid lies in the level segment (structure "spinal_cord" when no
   body is labelled). Needs in-plane spacing <= :data:`CSA_MAX_INPLANE_SPACING_MM`.
+
+**2-D and 3-D.** CervAI-X makes its measurements on the mid-sagittal slice in pixels. Here a
+2-D input is measured in mm on its slice; a 3-D input is measured in 3-D and, when it holds a
+cord or C2-C7, the CervAI-X measurements (:data:`MID_SAGITTAL_2D_NAMES`) are also made on its
+mid-sagittal array slice (:func:`mid_sagittal_slice`) and reported with ``region`` =
+"mid-sagittal 2-D", so both can be compared.
 
 Every vertebra-level entry carries ``extra["centroid_mm"]`` (RAS+ world) and drawing
 geometry (height segments, endplate line ends, K-line ends) in ``extra``. A measurement that
@@ -121,7 +131,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -206,6 +216,8 @@ T2MI_THRESHOLD = 23.7
 T2MI_THRESHOLD_CODE = 22.5
 #: RSCI at or above which a level may be hyperintense (CervAI-X).
 RSCI_THRESHOLD = 1.2
+#: T2-MI uses only cord voxels farther than this (mm) from the cord's boundary.
+T2MI_CORD_EROSION_MM = 1.0
 #: Largest in-plane spacing (mm) for the cord cross-sectional area.
 CSA_MAX_INPLANE_SPACING_MM = 1.0
 #: Connected components smaller than this fraction of the median are dropped when splitting.
@@ -219,6 +231,15 @@ STANDARD_COBB_PAIRS: tuple[tuple[str, str, str, str], ...] = (
     ("T4", "T12", "superior", "inferior"),
     ("L1", "L5", "superior", "inferior"),
 )
+
+#: Measurements that CervAI-X makes on the mid-sagittal slice: for a 3-D map they are also
+#: made on that slice and reported with region :data:`MID_SAGITTAL_REGION`.
+MID_SAGITTAL_2D_NAMES = (
+    "cobb_angle", "cord_ap_diameter", "mscc", "k_line", "k_line_margin", "cord_t2_mi", "rsci",
+    "cord_t2_hyperintense",
+)
+MID_SAGITTAL_REGION = "mid-sagittal 2-D"
+_2D_WARNING_WORDS = ("cord", "MSCC", "K-line", "RSCI", "T2-MI", "cobb_angle C2-C7")
 
 _SACRUM = 26
 _ORDINAL_DISC_START = ORDINAL_VERTEBRA_START + DISC_OFFSET
@@ -250,7 +271,10 @@ K_LINE_METHOD = (
     "line between the canal midpoints at C2 and C7; margin = distance to the posterior-most "
     "reach of the C3-C6 bodies and C2-C7 discs (negative = crosses); +1 K-line(+), -1 K-line(-)"
 )
-T2MI_METHOD = "(max - min) x 100 / mean of the image over the level's cord voxels ({dims})"
+T2MI_METHOD = (
+    "(max - min) x 100 / mean of the image over the level's cord voxels deeper than "
+    f"{T2MI_CORD_EROSION_MM:g} mm ({{dims}})"
+)
 RSCI_METHOD = "3 T2-MI_i / (T2-MI_(i-1) + T2-MI_i + T2-MI_(i+1))"
 HYPER_METHOD = (
     f"T2-MI >= {T2MI_THRESHOLD} % (paper; code: {T2MI_THRESHOLD_CODE}) and RSCI >= "
@@ -543,6 +567,8 @@ class SpineAnalysis:
     discs : dict of str to SectionGeometry
         Discs measured from disc masks.
     k_line : KLine or None
+    mid_sagittal : SpineAnalysis or None
+        The analysis of the mid-sagittal slice of a 3-D map (see :func:`analyse_spine`).
     """
 
     measurements: list[Measurement] = field(default_factory=list)
@@ -550,6 +576,7 @@ class SpineAnalysis:
     vertebrae: dict[str, SectionGeometry] = field(default_factory=dict)
     discs: dict[str, SectionGeometry] = field(default_factory=dict)
     k_line: KLine | None = None
+    mid_sagittal: SpineAnalysis | None = None
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -1203,7 +1230,12 @@ def _cord_steps(
     _k_line_step(seg, res, order, sampler, cord_pts, planar)
     segments = _level_segments(order, by_value)
     if image is not None:
-        _t2_step(image, res, segments, cord_idx, cord_pts, dims)
+        from scipy.ndimage import distance_transform_edt
+
+        # the cord's inside: farther than T2MI_CORD_EROSION_MM from its boundary
+        depth_mm = distance_transform_edt(cord, sampling=seg.spacing)
+        inner = depth_mm[tuple(cord_idx.T)] > T2MI_CORD_EROSION_MM
+        _t2_step(image, res, segments, cord_idx[inner], cord_pts[inner], dims)
     if planar:
         return
     areas = _cord_area_slices(seg, cord)
@@ -1302,7 +1334,8 @@ def _t2_step(
         sel = _in_segment(cord_pts, top, nt, bot, nb)
         if sel.sum() < MIN_STRUCTURE_VOXELS:
             res.warnings.append(f"{geo.structure}: fewer than {MIN_STRUCTURE_VOXELS} cord voxels "
-                                "in its level; T2-MI not measured")
+                                f"deeper than {T2MI_CORD_EROSION_MM:g} mm in its level; T2-MI not "
+                                "measured")
             continue
         v = sig[sel]
         mean = float(v.mean())
@@ -1355,7 +1388,48 @@ def _check_inputs(seg: LabelVolume, image: Volume | None) -> None:
             )
 
 
-def analyse_spine(seg: LabelVolume, *, image: Volume | None = None) -> SpineAnalysis:
+def mid_sagittal_slice(
+    seg: LabelVolume, image: Volume | None = None
+) -> tuple[LabelVolume, Volume | None, int, int]:
+    """The array slice through the mid-sagittal plane of a 3-D spine label map.
+
+    The slice runs across the array axis closest to the patient's L-R axis, at the median
+    index of the cord voxels (or, without a cord, of the vertebral-body voxels).
+
+    Parameters
+    ----------
+    seg : LabelVolume
+        3-D label map in the spine schema.
+    image : Volume, optional
+        The image on the same grid; cut the same way.
+
+    Returns
+    -------
+    seg_slice : LabelVolume
+        One-slice volume (its geometry is exact: a crop of ``seg``).
+    image_slice : Volume or None
+    axis, index : int
+        Which array axis was cut and where.
+    """
+    if any(n == 1 for n in seg.shape):
+        raise DimensionError(f"the label map {seg.shape} is already a single slice")
+    ax = int(np.argmax(np.abs(seg.direction.T @ RIGHT)))
+    mask = np.isin(seg.array, _CORD_VALUES)
+    if not mask.any():
+        mask = np.isin(seg.array, [v for v in seg.present_values() if is_vertebra_value(v)])
+    if not mask.any():
+        raise LabelError("no cord or vertebral body to place the mid-sagittal slice on")
+    k = int(round(float(np.median(np.nonzero(mask)[ax]))))
+    cut = [slice(None)] * 3
+    cut[ax] = slice(k, k + 1)
+    seg_slice = seg.crop(cut)
+    assert isinstance(seg_slice, LabelVolume)
+    return seg_slice, (image.crop(cut) if image is not None else None), ax, k
+
+
+def analyse_spine(
+    seg: LabelVolume, *, image: Volume | None = None, mid_sagittal_2d: bool = True
+) -> SpineAnalysis:
     """Measure a spine label map; return measurements, warnings and drawable geometry.
 
     Parameters
@@ -1365,12 +1439,40 @@ def analyse_spine(seg: LabelVolume, *, image: Volume | None = None) -> SpineAnal
         a (H, W, 1) volume (:func:`slice_label_volume`).
     image : Volume, optional
         The image ``seg`` was made from, on the same grid (for T2-MI/RSCI).
+    mid_sagittal_2d : bool
+        For a 3-D map with a cord or cervical bodies, also make the CervAI-X measurements
+        (:data:`MID_SAGITTAL_2D_NAMES`) on the mid-sagittal slice (:func:`mid_sagittal_slice`)
+        and report them with ``region = "mid-sagittal 2-D"`` beside the 3-D ones.
 
     Returns
     -------
     SpineAnalysis
         See the module docstring for every definition.
     """
+    res = _analyse(seg, image)
+    cervical = any(v in range(VERTEBRA_ID["C2"], VERTEBRA_ID["C7"] + 1)
+                   for v in seg.present_values())
+    if (mid_sagittal_2d and not any(n == 1 for n in seg.shape)
+            and (cervical or np.isin(seg.array, _CORD_VALUES).any())
+            and not any("axial-only" in w for w in res.warnings)):
+        seg2, img2, ax, k = mid_sagittal_slice(seg, image)
+        sub = _analyse(seg2, img2)
+        res.mid_sagittal = sub
+        for m in sub.measurements:
+            if m.name not in MID_SAGITTAL_2D_NAMES or (m.name == "cobb_angle"
+                                                       and m.structure != "C2-C7"):
+                continue
+            res.measurements.append(replace(
+                m, region=MID_SAGITTAL_REGION,
+                extra={**m.extra, "slice_axis": ax, "slice_index": k}))
+        res.warnings.extend(f"{MID_SAGITTAL_REGION}: {w}" for w in sub.warnings
+                            if any(word in w for word in _2D_WARNING_WORDS))
+    for w in res.warnings:
+        log.warning("%s", w)
+    return res
+
+
+def _analyse(seg: LabelVolume, image: Volume | None) -> SpineAnalysis:
     _check_inputs(seg, image)
     res = SpineAnalysis()
     planar_normal = _planar_normal(seg)
@@ -1421,8 +1523,6 @@ def analyse_spine(seg: LabelVolume, *, image: Volume | None = None) -> SpineAnal
                 structure="spinal_cord", method=CSA_METHOD + " (all slices)",
                 extra={"slices": int(areas[2].size)},
             ))
-    for w in res.warnings:
-        log.warning("%s", w)
     return res
 
 
@@ -1726,6 +1826,7 @@ __all__: list[str] = [
     "measure_spine_files",
     "measure_spine_with_warnings",
     "measurements_by_key",
+    "mid_sagittal_slice",
     "slice_image_volume",
     "slice_label_volume",
     "split_vertebral_bodies",
