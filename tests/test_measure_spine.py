@@ -245,6 +245,14 @@ def test_axial_only_data_is_refused_for_sagittal_measurements():
     assert any("axial-only" in w for w in res.warnings)
 
 
+def test_implausible_body_size_for_its_level_is_flagged():
+    # a lumbar-sized body labelled C3 (a source map given without its table)
+    res = analyse_spine(rasterize([(3, np.zeros(3), np.eye(3), 32.0, 27.0, 27.0, 44.0)]))
+    assert any("C3: AP depth 32" in w and "spine ids" in w for w in res.warnings)
+    res = analyse_spine(rasterize([(22, np.zeros(3), np.eye(3), 32.0, 27.0, 27.0, 44.0)]))
+    assert not any("AP depth" in w for w in res.warnings)
+
+
 def test_no_geometry_no_measurement():
     seg = rasterize([(22, np.zeros(3), np.eye(3), 32.0, 27.0, 27.0, 44.0)])
     seg.geometry_known = False

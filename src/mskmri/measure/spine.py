@@ -225,6 +225,12 @@ MIN_INSTANCE_FRACTION = 0.2
 #: A body taller than this times the median (along S-I) may be two merged bodies (warning).
 MERGED_BODY_RATIO = 1.6
 
+#: Usual AP depth (mm) of adult vertebral bodies per region; outside it a warning asks
+#: whether the label map really uses the project's (VerSe) level ids.
+PLAUSIBLE_DEPTH_MM: Mapping[str, tuple[float, float]] = MappingProxyType(
+    {"C": (10.0, 30.0), "T": (15.0, 50.0), "L": (22.0, 60.0)}
+)
+
 #: Standard Cobb angles: (upper level, lower level, upper endplate, lower endplate).
 STANDARD_COBB_PAIRS: tuple[tuple[str, str, str, str], ...] = (
     ("C2", "C7", "inferior", "inferior"),
@@ -1500,6 +1506,12 @@ def _analyse(seg: LabelVolume, image: Volume | None) -> SpineAnalysis:
             geo = _analyse_section(sub_sampler, pts, lr=lr, planar=planar_normal is not None,
                                    value=v, structure=name, voxels=n)
             res.warnings.extend(geo.notes)
+            lo, hi = PLAUSIBLE_DEPTH_MM.get(name[0], (0.0, np.inf))
+            if v < ORDINAL_VERTEBRA_START and np.isfinite(geo.depth) and not lo <= geo.depth <= hi:
+                res.warnings.append(
+                    f"{name}: AP depth {geo.depth:.1f} mm is outside the usual {lo:g}-{hi:g} mm "
+                    "of its region; check that the label map uses the project's spine ids "
+                    "(VerSe levels, mskmri.labels.SOURCES maps each data source)")
             order.append(geo)
             res.vertebrae[name] = geo
             res.measurements.extend(_vertebra_measurements(geo))
