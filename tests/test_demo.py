@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from pathlib import Path
 
@@ -105,16 +106,51 @@ def test_same_seed_same_data(demo, tmp_path: Path) -> None:
     assert again.measurements["measurements"] == demo.measurements["measurements"]
 
 
-def test_failure_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def cached_synthesis(demo, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replay the module demo's phantom and image instead of synthesising them again (fast)."""
+    # the modules themselves: mskmri.synth re-exports functions under the same names
+    phantom_mod = importlib.import_module("mskmri.synth.phantom")
+    render_mod = importlib.import_module("mskmri.synth.render")
+
+    labels = read_labels(demo.out_dir / "labels.nii.gz", schema="knee")
+    lesions = read_labels(demo.out_dir / "lesions.nii.gz", schema="lesion")
+    image = read(demo.out_dir / "image.nii.gz")
+    monkeypatch.setattr(phantom_mod, "phantom_knee", lambda **kw: (labels.copy(), lesions.copy()))
+    monkeypatch.setattr(render_mod, "render", lambda *a, **kw: render_mod.SynthResult(
+        image=image.copy(), labels=labels.copy(), lesions=lesions.copy(), params={"cached": True}))
+
+
+@pytest.mark.parametrize("step", ["write_report", "overlay_figure"])
+def test_failure_leaves_nothing_behind(step: str, tmp_path: Path, cached_synthesis,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step failing after the volumes were written: neither DIR nor a temporary folder."""
+    import mskmri.report.figures
     import mskmri.report.html
 
     def broken(*args, **kwargs):
-        raise RuntimeError("report step failed on purpose")
+        raise RuntimeError(f"{step} failed on purpose")
 
-    monkeypatch.setattr(mskmri.report.html, "write_report", broken)
+    module = mskmri.report.html if step == "write_report" else mskmri.report.figures
+    monkeypatch.setattr(module, step, broken)
     with pytest.raises(RuntimeError, match="on purpose"):
         run_demo(tmp_path / "out", seed=0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_failure_keeps_a_previous_demo(tmp_path: Path, cached_synthesis,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed rerun leaves the earlier demo folder as it was."""
+    import mskmri.report.html
+
+    first = run_demo(tmp_path / "out", seed=0)
+    before = {p.name: p.read_bytes() for p in first.out_dir.iterdir()}
+    monkeypatch.setattr(mskmri.report.html, "write_report",
+                        lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("on purpose")))
+    with pytest.raises(RuntimeError, match="on purpose"):
+        run_demo(tmp_path / "out", seed=0)
+    assert {p.name: p.read_bytes() for p in first.out_dir.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_refuses_to_replace_a_folder_that_is_not_a_demo(tmp_path: Path) -> None:
