@@ -20,8 +20,8 @@ What it does (issue 6, "Measurements"):
   ``first_level="C2"``): the top body is C2 when it does not touch the image edge and no disc
   lies above it (checked visually on the 3 clinical slices: the top body carries the dens under
   the skull base). In this file the body class is value **2** and the disc class value **1**
-  (the reverse of the dataset README and ``mskmri.labels.U2AD``; checked visually and by
-  shape: value 1 forms thin horizontal bands between the value-2 blocks). C2-C7 Cobb (primary
+  (the reverse of the dataset README; checked visually and by shape: value 1 forms thin
+  horizontal bands between the value-2 blocks); ``mskmri.labels.U2AD`` follows the arrays. C2-C7 Cobb (primary
   and reference), MSCC per disc, K-line, T2-MI/RSCI with the image, and the level holding the
   labelled T2 hyperintensity (value 6, where present) to compare with the T2-MI/RSCI rule.
 - SCT ``t2`` (cervical 3-D, manual cord mask labelled by level C2..C5): cord cross-sectional
@@ -48,7 +48,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _spine_reference import reference_bodies, reference_cobb  # noqa: E402
 
 from mskmri.io import atomic_write_json, read  # noqa: E402
-from mskmri.labels import SOURCES  # noqa: E402
+from mskmri.labels import (
+    SOURCES,  # noqa: E402
+    U2AD,  # noqa: E402
+)
 from mskmri.measure.spine import (  # noqa: E402
     analyse_spine,
     cord_area_profile,
@@ -65,7 +68,6 @@ TARGET_COBB_DIFF_DEG = 2.0
 
 HEIGHTS = ("anterior", "middle", "posterior")
 LUMBAR = (20, 24)  # L1, L5
-U2AD_BODY, U2AD_DISC, U2AD_CORD, U2AD_CSF, U2AD_HYPER = 2, 1, 3, 4, 6
 SACRUM = 26
 
 
@@ -84,12 +86,7 @@ def chu_to_spine(vol: Any) -> LabelVolume:
 
 def u2ad_to_spine(labels: np.ndarray) -> LabelVolume:
     """A U2AD slice in the spine schema with single-class bodies (1000) and discs (1100)."""
-    arr = np.zeros(labels.shape, dtype=np.int32)
-    arr[labels == U2AD_BODY] = 1000
-    arr[labels == U2AD_DISC] = 1100
-    arr[labels == U2AD_CORD] = 201
-    arr[labels == U2AD_CSF] = 202
-    arr[labels == U2AD_HYPER] = 203
+    arr = U2AD.apply(labels).astype(np.int32)
     return slice_label_volume(arr, (1.0, 1.0), row_axis="I", col_axis="P", source="u2ad")
 
 

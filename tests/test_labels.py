@@ -27,6 +27,8 @@ def test_spine_schema_ids_and_names():
     assert L.spine_label_name(L.DISC_OFFSET + 22) == "disc_L3-L4"
     assert L.spine_label_name(1002) == "V1002"
     assert L.spine_label_name(201) == "spinal_cord"
+    assert L.spine_label_name(1100) == "disc_V1000-V1001"
+    assert L.is_disc(1100) and not L.is_vertebra(1100) and L.is_vertebra(1099)
     with pytest.raises(LabelError):
         L.spine_label_name(150)
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from mskmri.errors import DimensionError, GeometryError, LabelError, MskMriError
+from mskmri.labels import U2AD
 from mskmri.measure.spine import (
     T2MI_THRESHOLD,
     analyse_spine,
@@ -496,11 +497,10 @@ def test_myosegmentum_manual_masks_match_the_reference(shared_data):
 def test_u2ad_clinical_slice_c2_c7_and_mscc(shared_data):
     npz = np.load(shared_data / "spine" / "u2ad_cervical_slices" / "u2ad_samples.npz")
     labels = npz["private_1_labels"]
-    # in this file the body class is 2 and the disc class 1 (see benchmarks/spine_measurements)
+    # in this file the body class is 2 and the disc class 1 (labels.U2AD follows the arrays)
     assert np.median(np.ptp(np.argwhere(labels == 2)[:, 0])) > 0
-    arr = np.zeros(labels.shape, np.int32)
-    arr[labels == 2], arr[labels == 1] = 1000, 1100
-    arr[labels == 3], arr[labels == 4] = 201, 202
+    arr = U2AD.apply(labels).astype(np.int32)
+    arr[arr == 203] = 0  # the hyperintensity is a separate question here
     seg, _ = split_vertebral_bodies(slice_label_volume(arr, (1.0, 1.0)), body_value=1000,
                                     disc_value=1100, first_level="C2")
     image = slice_image_volume(npz["private_1_img"], (1.0, 1.0))

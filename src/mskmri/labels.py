@@ -12,10 +12,10 @@ the function that uses the table (``synth`` for the knee, ``segment.spine`` for 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from difflib import get_close_matches
 from types import MappingProxyType
-from typing import Mapping
 
 import numpy as np
 
@@ -90,16 +90,26 @@ def vertebra_name(value: int) -> str:
     """Level name of a vertebra id: VerSe ids -> ``"L3"``; ordinal ids -> ``"V1002"``."""
     if value in VERTEBRAE:
         return VERTEBRAE[value]
-    if value >= ORDINAL_VERTEBRA_START:
+    if ORDINAL_VERTEBRA_START <= value < ORDINAL_VERTEBRA_START + DISC_OFFSET:
         return f"V{value}"
-    raise LabelError(f"{value} is not a vertebra id (1-26 VerSe, or >= 1000 ordinal)")
+    raise LabelError(f"{value} is not a vertebra id (1-26 VerSe, or 1000-1099 ordinal)")
+
+
+def is_vertebra(value: int) -> bool:
+    """True for VerSe vertebra ids (1-26) and ordinal ones (1000-1099)."""
+    return value in VERTEBRAE or ORDINAL_VERTEBRA_START <= value < ORDINAL_VERTEBRA_START + DISC_OFFSET
+
+
+def is_disc(value: int) -> bool:
+    """True for disc ids: 100 + a VerSe id, or 100 + an ordinal id (1100-1199)."""
+    return is_vertebra(value - DISC_OFFSET) and value - DISC_OFFSET != 26
 
 
 def spine_label_name(value: int) -> str:
     """Name of any spine-schema value."""
-    if value in VERTEBRAE or value >= ORDINAL_VERTEBRA_START:
+    if is_vertebra(value):
         return vertebra_name(value)
-    if DISC_OFFSET < value < DISC_OFFSET + 27:
+    if is_disc(value):
         return f"disc_{disc_name(value - DISC_OFFSET)}"
     fixed = {SPINAL_CORD: "spinal_cord", CSF: "csf", CORD_HYPERINTENSITY: "cord_t2_hyperintensity"}
     if value in fixed:
@@ -290,7 +300,8 @@ CHU2015 = SourceMapping(
     table={i: ORDINAL_VERTEBRA_START + i - 1 for i in range(1, 10)},
     source_names={i: f"vertebral body instance {i} (not in anatomical order)" for i in range(1, 10)},
     needs=("instance ids are not in anatomical order: renumber by centroid from the top "
-           "(segment.spine.order_instances) before naming levels"),
+           "before naming levels; in all 7 exams the lowest instance is S1 (checked visually), "
+           "so the 9 instances are T10-S1 assuming no transitional vertebra"),
     citation="Chu et al., PLoS ONE 2015; via FastCleverSeg",
 )
 
@@ -305,13 +316,17 @@ IVD_DISCS = SourceMapping(
 U2AD = SourceMapping(
     name="u2ad",
     schema="spine",
-    table={1: ORDINAL_VERTEBRA_START, 2: DISC_OFFSET + ORDINAL_VERTEBRA_START, 3: SPINAL_CORD,
+    # The data README says 1 = vertebral bodies, 2 = discs; the arrays show the opposite
+    # (value 2 is the tall bony blocks, value 1 the thin wedges between them; checked visually
+    # and by shape on all six slices), so the table follows the arrays.
+    table={1: DISC_OFFSET + ORDINAL_VERTEBRA_START, 2: ORDINAL_VERTEBRA_START, 3: SPINAL_CORD,
            4: CSF, 5: 0, 6: CORD_HYPERINTENSITY, 7: 0},
-    source_names={1: "vertebral bodies (all)", 2: "discs (all)", 3: "spinal cord", 4: "CSF",
-                  5: "undocumented (clinical only)",
+    source_names={1: "discs (all; the README says vertebral bodies, the arrays show discs)",
+                  2: "vertebral bodies (all; the README says discs)", 3: "spinal cord",
+                  4: "CSF", 5: "undocumented (clinical only)",
                   6: "intramedullary T2 hyperintensity (inferred from the authors' code)",
                   7: "undocumented (clinical only)"},
-    needs=("vertebral bodies (1) and discs (2) are single classes: split into instances by "
+    needs=("vertebral bodies (2) and discs (1) are single classes: split into instances by "
            "connected components and order from the top before naming levels"),
     citation="U2AD (zhibaishouheilab), MIT licence",
 )
