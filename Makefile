@@ -10,7 +10,7 @@ PIP := $(BIN)/python -m pip
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k report -x"`.
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all lint typecheck bench clean
+.PHONY: demo test test-all lint typecheck clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
