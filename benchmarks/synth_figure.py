@@ -103,7 +103,7 @@ def make_figure(out: Path, shared: Path, *, label_map: str = "zib_9007827.nii.gz
         ("ours: DESS (OAI labels)", ours["dess"].image, 0.5),
         ("ours: PD, no fat-sat (OAI labels)", ours["pd"].image, 0.5),
         ("ours: IW-FS + 2 mL BML", ours["iw-fs"].image, xl),
-        ("ours: phantom, DESS", ph.image, 0.5),
+        ("ours: phantom (no input), DESS", ph.image, 0.33),
     ]
     fig, axes = plt.subplots(2, 3, figsize=(13.5, 9.6))
     for ax, (title, vol, xf) in zip(axes.ravel(), panels, strict=True):

@@ -139,6 +139,8 @@ LESION_HALF = 8
 
 #: Angular resolution of the soft-tissue thickness tables (samples around the limb).
 SOFT_TISSUE_ANGLES = 72
+#: Least depth (mm) over which the soft-tissue layer coordinate falls by one inside the core.
+CORE_DEPTH_MM = 2.0
 #: Fluid priority (mm) above which a voxel can never hold effusion.
 EFFUSION_PHI_MAX = 40.0
 #: Distance (mm) from cartilage inside which joint fluid may sit.
@@ -645,7 +647,11 @@ def insert_effusion_array(t: np.ndarray, grid: Grid, lm: Landmarks, volume_ml: f
 # =========================================================================== soft tissue
 def _add_soft_tissue(t: np.ndarray, grid: Grid, lm: Landmarks, rng: np.random.Generator,
                      make_muscle: bool, opts: AnatomyOptions) -> dict:
-    """Popliteal fat, muscle, septa, subcutaneous fat and skin in layers around the joint."""
+    """Popliteal fat, muscle, subcutaneous fat and skin in layers around the joint.
+
+    Thin septa inside muscle are left to the renderer's strand texture: drawn here on the
+    coarse grid they would show its steps.
+    """
     lab_c = np.ascontiguousarray(grid.coarse(t))
     cs = np.asarray(grid.coarse_spacing)
     core = ndimage.gaussian_filter((lab_c > 0).astype(np.float32), 4.0 / cs) > 0.35
@@ -662,7 +668,11 @@ def _add_soft_tissue(t: np.ndarray, grid: Grid, lm: Landmarks, rng: np.random.Ge
         for k in range(core.shape[2]):
             if core[:, :, k].sum() >= 3:
                 core[:, :, k] = convex_hull_image(core[:, :, k])
-    d = ndimage.distance_transform_edt(~core, sampling=cs).astype(np.float32)
+    # signed distance to the core surface, which lies about half a cell from the nodes
+    # on either side (an unshifted EDT would put it on the outer nodes: coarse-grid steps)
+    half = np.float32(0.5 * float(np.mean(cs)))
+    d = np.maximum(ndimage.distance_transform_edt(~core, sampling=cs).astype(np.float32) - half, 0.0)
+    d_in = np.maximum(ndimage.distance_transform_edt(core, sampling=cs).astype(np.float32) - half, 0.0)
     xc = (np.arange(lab_c.shape[0]) * grid.factors[0] + grid.offsets[0]) * grid.spacing[0]
     yc = (np.arange(lab_c.shape[1]) * grid.factors[1] + grid.offsets[1]) * grid.spacing[1]
     zc = (np.arange(lab_c.shape[2]) * grid.factors[2] + grid.offsets[2]) * grid.spacing[2]
@@ -735,6 +745,11 @@ def _add_soft_tissue(t: np.ndarray, grid: Grid, lm: Landmarks, rng: np.random.Ge
     t_s = np.float32(_u(rng, *opts.skin_mm))
     p.update({"fat_mm": fat0, "skin_mm": float(t_s), "outline_slope_mm_per_rad": slope})
     eps = np.float32(1e-3)
+    # layers thinner than a quarter cell vanish (else u would jump across them at the core
+    # surface and show coarse-grid steps)
+    thin = np.float32(0.25 * float(np.mean(cs)))
+    t_df = np.where(t_df < thin, 0.0, t_df).astype(np.float32)
+    t_m = np.where(t_m < thin, 0.0, t_m).astype(np.float32)
     c1 = t_df
     c2 = c1 + t_m
     c3 = c2 + t_f
@@ -743,19 +758,15 @@ def _add_soft_tissue(t: np.ndarray, grid: Grid, lm: Landmarks, rng: np.random.Ge
         np.where(d < c2, 1.0 + (d - c1) / np.maximum(t_m, eps),
         np.where(d < c3, 2.0 + (d - c2) / np.maximum(t_f, eps),
         np.where(d < c4, 3.0 + (d - c3) / t_s, 4.0 + (d - c4) / t_s))))
-    u = np.where(core, -1.0, u).astype(np.float32)
-    if make_muscle:
-        # intermuscular septa: thin fat sheets where a smooth random field crosses zero,
-        # elongated along the limb (z)
-        cell = np.array([14.0, 14.0, 28.0])
-        sh = np.maximum(2, np.ceil(np.array(d.shape) * cs / cell)).astype(int)
-        f = ndimage.zoom(rng.standard_normal(sh).astype(np.float32), np.array(d.shape) / sh,
-                         order=1)[: d.shape[0], : d.shape[1], : d.shape[2]]
-        f /= max(float(f.std()), 1e-3)
-        eps_s = _u(rng, 0.05, 0.11)
-        septa = (np.abs(f) < eps_s) & (u >= 1.2) & (u < 1.85)
-        u = np.where(septa, 2.5, u).astype(np.float32)
-        p["septa_band"] = eps_s
+    # inside the body core (between structures, enclosed pockets): continue the layer
+    # coordinate below its value at the core surface with the depth, so interpolation sees
+    # no jump there (a jump would show as coarse-grid steps at full resolution); anything
+    # below the first layer is intra-articular / popliteal fat
+    # (same slope as the first layer outside, so the surface is where interpolation puts it)
+    u0 = np.where(c1 > 0, 0.0, np.where(c2 > 0, 1.0, 2.0)).astype(np.float32)
+    first = np.where(c1 > 0, t_df, np.where(c2 > 0, t_m, t_f))
+    u = np.where(core, u0 - d_in / np.maximum(first, np.float32(CORE_DEPTH_MM)), u).astype(np.float32)
+    np.maximum(u, -1.0, out=u)
     U = grid.upsample(u)
     np.floor(U, out=U)
     U += 1.0

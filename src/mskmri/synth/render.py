@@ -134,7 +134,7 @@ class RenderOptions:
     noise: tuple[float, float] = (0.005, 0.05)
     gamma_std: float = 0.2
     texture_cell_mm: tuple[float, float] = (1.5, 5.0)
-    marrow_texture: tuple[float, float] = (0.03, 0.15)
+    marrow_texture: tuple[float, float] = (0.03, 0.12)
     class_jitter: float = 0.15
     tissue_jitter: float = 0.05
     anatomy: AnatomyOptions = field(default_factory=AnatomyOptions)
@@ -374,13 +374,13 @@ def _texture(rng: np.random.Generator, tissues: np.ndarray, spacing: Sequence[fl
     mus_m = float(np.mean(ip.means[_MUSCLE]))
     s_fat = float(rng.uniform(0.2, 0.8))
     s_mus = float(rng.uniform(0.1, 0.5))
-    r_cell = float(rng.uniform(2.5, 6.0))
-    r_width = float(rng.uniform(0.08, 0.22))
+    r_cell = float(rng.uniform(2.0, 5.0))
+    r_width = float(rng.uniform(0.06, 0.16))
     lut = np.zeros(N_TISSUES, dtype=np.float32)
     lut[_FAT] = s_fat * (mus_m - fat_m)
     lut[_MUSCLE] = s_mus * (fat_m - mus_m)
     r_aniso = [1.0, 1.0, 1.0]
-    r_aniso[limb_axis] = 2.5
+    r_aniso[limb_axis] = float(rng.uniform(2.0, 6.0))
     ridge = smooth_random_field(np.random.default_rng(seed_r), tissues.shape, spacing,
                                 cell_mm=r_cell, anisotropy=r_aniso)
     np.abs(ridge, out=ridge)
@@ -396,7 +396,7 @@ def _texture(rng: np.random.Generator, tissues: np.ndarray, spacing: Sequence[fl
     mlut = np.where(_MARROW, amp * max(marrow_mean, 0.02), 0.0).astype(np.float32)
     marrow_vox = mlut[tissues]
     idx = np.nonzero(marrow_vox.any(axis=(1, 2)))[0]
-    mcell = float(rng.uniform(1.0, 2.5))
+    mcell = float(rng.uniform(0.8, 1.8))
     if idx.size:
         sl = slice(int(idx.min()), int(idx.max()) + 1)
         sub_shape = (sl.stop - sl.start, tissues.shape[1], tissues.shape[2])
@@ -408,7 +408,8 @@ def _texture(rng: np.random.Generator, tissues: np.ndarray, spacing: Sequence[fl
         img[sl] += f
     return img, {"texture_cell_mm": cell, "white_fraction": white_w, "marrow_texture": amp,
                  "marrow_cell_mm": mcell, "strand_fat": s_fat, "strand_muscle": s_mus,
-                 "strand_cell_mm": r_cell, "strand_width": r_width, "limb_axis": limb_axis,
+                 "strand_cell_mm": r_cell, "strand_width": r_width,
+                 "strand_elongation": r_aniso[limb_axis], "limb_axis": limb_axis,
                  "field_seeds": [seed_f, seed_w, seed_m, seed_r]}
 
 
