@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             labels[variant] = np.load(lab)
             results.append(res)
             sys.stderr.write(f"{variant}: {res['seconds']} s, peak RSS {res['peak_rss_mb']} MB\n")
+    machine["load_average_at_end"] = list(os.getloadavg())
     ref = labels.get("fp32")
     for res in results:
         if ref is not None:
@@ -178,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         "notes": "seconds = one full-volume labels() call after a one-window warm-up; "
                  "peak_rss_mb = ru_maxrss of the variant's own process (volume, network, "
                  "accumulator of classes x volume float32 included). Whole volume, no "
-                 "region restriction: segmenters restrict inference to the anatomy's bbox.",
+                 "region restriction: segmenters restrict inference to the anatomy's bbox. "
+                 "The 2 cores are shared with other jobs: a 1-minute load average above 2 "
+                 "(recorded at start and end) means the times are inflated by contention.",
     }
     from mskmri.io import atomic_write_json
 

@@ -10,7 +10,7 @@ Written here rather than taken from ``monai.inferers.sliding_window_inference`` 
 this 2-core CPU about half of MONAI's time went to per-window bookkeeping and allocation
 (ARCHITECTURE.md, performance facts). Here every buffer is allocated once and reused:
 the window batch, the Gaussian weights, the accumulator (kept between calls of the same
-size) and the ONNX output; windows are added in place (``addcmul_``); labels are taken by
+size), the float32 copy of a bf16 window and the ONNX output; windows are added in place (``addcmul_``); labels are taken by
 arg-max slab by slab without normalising (a positive per-voxel weight does not change the
 arg-max), so no full-size int64 or normalised copy is ever made.
 
@@ -233,6 +233,7 @@ class SlidingWindowInferer:
         self._gauss = self._gauss.to(self.device)
         self._inbuf: torch.Tensor | None = None
         self._outbuf: np.ndarray | None = None
+        self._winbuf: torch.Tensor | None = None
         self._acc: torch.Tensor | None = None
         self._weight_cache: dict[tuple[int, ...], torch.Tensor] = {}
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
@@ -367,7 +368,12 @@ class SlidingWindowInferer:
                 acc = self._accumulator(int(out.shape[1]), shape)
             for b, st in enumerate(batch):
                 sl = tuple(slice(s, s + p) for s, p in zip(st, cfg.patch_size, strict=True))
-                acc[(slice(None), *sl)].addcmul_(out[b], self._gauss)
+                window = out[b]
+                if window.dtype != torch.float32:
+                    # bf16 -> fp32 into a reused buffer first: a mixed-dtype addcmul_ is 3x
+                    # slower on this CPU (measured: 0.11 s vs 0.035 s per 18-class window).
+                    window = self._float_buffer(window)
+                acc[(slice(None), *sl)].addcmul_(window, self._gauss)
             t2 = time.perf_counter()
             fwd_s += t1 - t0
             blend_s += t2 - t1
@@ -391,20 +397,26 @@ class SlidingWindowInferer:
                                           memory_format=fmt)
         return self._inbuf
 
+    def _float_buffer(self, window: torch.Tensor) -> torch.Tensor:
+        """``window`` converted to float32 in a buffer that is reused (same memory layout)."""
+        buf = self._winbuf
+        if buf is None or buf.shape != window.shape or buf.stride() != window.stride():
+            buf = self._winbuf = torch.empty_like(window, dtype=torch.float32)
+        return buf.copy_(window)
+
     def _accumulator(self, n_out: int, shape: tuple[int, ...]) -> torch.Tensor:
-        """``(K, *shape)`` float32, zeroed; classes innermost in memory when the network
-        runs channels-last, so that adding a window and the arg-max read memory in order
-        (measured: 4.6x faster blending, 6x faster arg-max than a class-major buffer)."""
+        """``(K, *shape)`` float32, zeroed, with the classes innermost in memory.
+
+        The arg-max then reads memory in order (measured: 6x faster than over a class-major
+        buffer), and so does adding a channels-last window (4.6x faster); adding a
+        class-major window (ONNX, contiguous torch) is 2.8x slower than into a class-major
+        buffer, which costs less than the slow arg-max saved for up to ~100 windows.
+        """
         want = (n_out, *shape)
-        classes_inner = self.config.backend == "torch" and self.config.channels_last
-        if (self._acc is None or tuple(self._acc.shape) != want
-                or (self._acc.stride(0) == 1) != classes_inner):
+        if self._acc is None or tuple(self._acc.shape) != want:
             self._acc = None  # free the old one before allocating
-            if classes_inner:
-                buf = torch.zeros((*shape, n_out), dtype=torch.float32, device=self.device)
-                self._acc = torch.movedim(buf, -1, 0)
-            else:
-                self._acc = torch.zeros(want, dtype=torch.float32, device=self.device)
+            buf = torch.zeros((*shape, n_out), dtype=torch.float32, device=self.device)
+            self._acc = torch.movedim(buf, -1, 0)
         else:
             self._acc.zero_()
         return self._acc
