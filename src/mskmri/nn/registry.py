@@ -419,8 +419,10 @@ class TrainTask:
         One line for ``mskmri train --help``.
     entry : str
         ``"module:function"`` called as ``function(config: TrainConfig, options: dict)``
-        (imported only when the task runs). It trains and writes ``model.safetensors`` and
-        ``model.json`` under ``config.out``.
+        (imported only when the task runs). It calls ``seed_everything(config.seed)``, builds
+        the network, trains it with :func:`mskmri.nn.train.fit` and writes
+        ``model.safetensors`` + ``model.json`` under ``config.out`` with :func:`save_model`,
+        the card's ``command`` from :func:`mskmri.nn.train.format_command`.
     options : tuple of TrainOption
         Options of this task beyond the common ones (``--images`` ...).
     defaults : mapping
