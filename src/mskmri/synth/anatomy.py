@@ -355,7 +355,7 @@ def _add_cruciates(t: np.ndarray, grid: Grid, lm: Landmarks, rng: np.random.Gene
                lm.z_plateau - 1.0)
         fem = (lm.x_notch + lm.lateral_sign * _u(rng, 5, 8), yc - _u(rng, 0.2, 0.3) * ap,
                lm.z_joint + _u(rng, 12, 16))
-        r = _u(rng, 3.5, 4.5)
+        r = _u(rng, 4.0, 5.5)
         box = grid.box_mm(np.minimum(tib, fem) - r - 1, np.maximum(tib, fem) + r + 1)
         if box is not None:
             x, y, z = grid.mesh_mm(box)
@@ -504,14 +504,15 @@ def _add_fat_pad(t: np.ndarray, grid: Grid, lm: Landmarks, rng: np.random.Genera
     if len(near) < 3:
         return {"placed": False}
     y_b = float(near[:, 1].max())
-    if y_t - y_b < 3.0:
-        return {"placed": False, "reason": "no room behind the tendon"}
     poles = _patella_poles(t, grid)
-    z_hi = float(poles[0][2]) + 4.0 if poles is not None else lm.z_joint + 15.0
+    z_hi = float(poles[0][2]) + _u(rng, 3.0, 7.0) if poles is not None else lm.z_joint + 15.0
     z_lo = lm.z_plateau - _u(rng, 6.0, 12.0)
-    # centred on the bones' front so it also fills the anterior notch; clipped by all
-    centre = (xt + _u(rng, -2, 2), y_b + _u(rng, 0.0, 3.0), 0.5 * (z_lo + z_hi))
-    radii = (_u(rng, 15, 20), (y_t - centre[1]) + 1.0, 0.5 * (z_hi - z_lo) + 3.0)
+    # from the tendon's back to a few mm into the anterior notch; everything already there
+    # (bones, cartilage, menisci, ligaments, tendon) clips it
+    y_front = y_t + 1.0
+    y_back = min(y_b, y_t - 4.0) - _u(rng, 4.0, 10.0)
+    centre = (xt + _u(rng, -2, 2), 0.5 * (y_front + y_back), 0.5 * (z_lo + z_hi))
+    radii = (_u(rng, 17, 23), 0.5 * (y_front - y_back), 0.5 * (z_hi - z_lo) + 3.0)
     box = grid.box_mm(np.subtract(centre, radii) - 1, np.add(centre, radii) + 1)
     if box is None:
         return {"placed": False}
