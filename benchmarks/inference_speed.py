@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "schema": "mskmri/benchmark/1",
         "benchmark": "inference_speed",
-        "command": "python benchmarks/inference_speed.py " + " ".join(argv or sys.argv[1:]),
+        "command": " ".join(["python benchmarks/inference_speed.py", *(argv or sys.argv[1:])]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine,
         "volume_shape": args.shape, "patch_size": args.patch, "overlap": args.overlap,
