@@ -68,12 +68,11 @@ def test_phantom_has_all_classes_with_plausible_volumes(phantom) -> None:
     assert np.all(labels.array[lesions.array > 0] == K["femur"])
 
 
-def test_phantom_is_deterministic() -> None:
+def test_phantom_is_deterministic(phantom) -> None:
     a, la = phantom_knee(seed=5)
     b, lb = phantom_knee(seed=5)
-    c, _ = phantom_knee(seed=6)
     assert np.array_equal(a.array, b.array) and np.array_equal(la.array, lb.array)
-    assert not np.array_equal(a.array, c.array)
+    assert not np.array_equal(a.array, phantom[0].array)  # seed 0
 
 
 def test_phantom_options_and_bad_grid() -> None:
@@ -252,7 +251,7 @@ def test_bml_hyperintense_on_iwfs_subtle_on_dess(phantom) -> None:
                          thick_slice_probability=0.0)
     cnr_fs, rel_fs = [], []
     cnr_dess, rel_dess = [], []
-    for seed in (1, 2, 3):
+    for seed in (1, 2):
         scene = complete_knee(labels, seed=seed, effusion_ml=3.0, lesion_ml=2.0)
         c, r_ = _lesion_contrast(render_scene(scene, contrast="iw-fs", seed=seed, options=opts))
         cnr_fs.append(c)

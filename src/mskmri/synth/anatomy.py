@@ -848,6 +848,15 @@ def lesion_weight_from_mask(mask: np.ndarray, spacing: Sequence[float], sigma_mm
     return out
 
 
+def _check_bone(bone: str) -> None:
+    if bone not in _BML_CARTILAGE:
+        from difflib import get_close_matches
+
+        close = get_close_matches(bone, list(_BML_CARTILAGE), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise SynthesisError(f"BMLs go into femur, tibia or patella, not {bone!r}{hint}")
+
+
 def insert_bml_array(t: np.ndarray, weight: np.ndarray, grid: Grid, lm: Landmarks,
                      volume_ml: float, bone: str, rng: np.random.Generator) -> dict:
     """Insert one subchondral BML of exactly ``volume_ml`` (to a voxel) into ``bone``'s marrow.
@@ -855,12 +864,7 @@ def insert_bml_array(t: np.ndarray, weight: np.ndarray, grid: Grid, lm: Landmark
     ``t`` must already hold cortex (the lesion is drawn from marrow voxels, abutting the
     subchondral plate). ``weight`` (uint8) receives the lesion intensity weight.
     """
-    if bone not in _BML_CARTILAGE:
-        from difflib import get_close_matches
-
-        close = get_close_matches(bone, list(_BML_CARTILAGE), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise SynthesisError(f"BMLs go into femur, tibia or patella, not {bone!r}{hint}")
+    _check_bone(bone)
     bone_id = K[bone]
     vox_mm3 = float(np.prod(grid.spacing))
     n_want = int(round(volume_ml * 1000.0 / vox_mm3))
@@ -1018,6 +1022,21 @@ def complete_knee(
     labels.require_geometry("knee synthesis")
     _check_knee(labels)
     opts = options or AnatomyOptions()
+    vols: list[float] = []
+    bones: list[str] = []
+    if lesion_ml is not None:  # validate before any work
+        vols = ([float(lesion_ml)] if isinstance(lesion_ml, (int, float))
+                else [float(v) for v in lesion_ml])
+        bones = [lesion_bone] * len(vols) if isinstance(lesion_bone, str) else list(lesion_bone)
+        if len(bones) != len(vols):
+            raise SynthesisError(f"{len(vols)} lesion volumes but {len(bones)} lesion bones; "
+                                 "give one bone per lesion or a single bone")
+        for vol_ml, b in zip(vols, bones, strict=True):
+            if vol_ml < 0:
+                raise SynthesisError(f"lesion volume must be >= 0 mL, not {vol_ml}")
+            _check_bone(b)
+    if effusion_ml is not None and effusion_ml < 0:
+        raise SynthesisError(f"effusion volume must be >= 0 mL, not {effusion_ml}")
     ras = _to_ras(labels)
     t = np.ascontiguousarray(ras.array, dtype=np.uint8).copy()
     grid = Grid.for_shape(t.shape, ras.spacing)
@@ -1096,8 +1115,6 @@ def complete_knee(
         effusion_ml = float(np.exp(eff_rng.uniform(np.log(lo), np.log(hi))))
         params["effusion_ml_drawn"] = effusion_ml
     if effusion_ml is not None:
-        if effusion_ml < 0:
-            raise SynthesisError(f"effusion volume must be >= 0 mL, not {effusion_ml}")
         t[t == Tissue.EFFUSION] = 0
         params["effusion"] = insert_effusion_array(t, grid, lm, float(effusion_ml), eff_rng)
         origin["joint_effusion"] = "procedural" if params["effusion"]["voxels"] else "absent"
@@ -1116,19 +1133,11 @@ def complete_knee(
         sigma = _u(lrng, *opts.lesion_edge_mm)
         weight = lesion_weight_from_mask(les > 0, grid.spacing, sigma)
         params["source_lesions"] = {"voxels": int((les > 0).sum()), "edge_sigma_mm": sigma}
-    if lesion_ml is not None:
-        vols = ([float(lesion_ml)] if isinstance(lesion_ml, (int, float))
-                else [float(v) for v in lesion_ml])
-        bones = [lesion_bone] * len(vols) if isinstance(lesion_bone, str) else list(lesion_bone)
-        if len(bones) != len(vols):
-            raise SynthesisError(f"{len(vols)} lesion volumes but {len(bones)} lesion bones; "
-                                 "give one bone per lesion or a single bone")
+    if vols:
         if weight is None:
             weight = np.zeros(t.shape, dtype=np.uint8)
         params["bml"] = []
         for i, (vol_ml, b) in enumerate(zip(vols, bones, strict=True)):
-            if vol_ml < 0:
-                raise SynthesisError(f"lesion volume must be >= 0 mL, not {vol_ml}")
             params["bml"].append(insert_bml_array(t, weight, grid, lm, vol_ml, b,
                                                   rng_for(seed, "anatomy", "bml", i)))
     params["procedural"] = proc
