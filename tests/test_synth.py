@@ -289,6 +289,26 @@ def test_contrast_registry_did_you_mean() -> None:
         get_contrast("xyz")
 
 
+def test_sampler_identity_and_shift(rng) -> None:
+    from mskmri.synth.render import SpatialParams, _Sampler
+
+    arr = rng.integers(0, 20, size=(12, 14, 16)).astype(np.uint8)
+    theta = np.deg2rad(20.0)
+    rot = np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0], [0, 0, 1]])
+    aff = np.eye(4)
+    aff[:3, :3] = rot @ np.diag([0.7, 0.4, 0.5])
+    aff[:3, 3] = (5.0, -3.0, 8.0)
+    eye = tuple(tuple(r) for r in np.eye(3).tolist())
+    ident = SpatialParams(eye, (0.0, 0.0, 0.0), (0.0, 0.0, 0.0), 0, 0.0, 30.0, {})
+    out, none = _Sampler(arr.shape, aff, arr.shape, aff, ident).sample(arr, None)
+    assert none is None and np.array_equal(out, arr)
+    # a translation of exactly one voxel along axis 1 (world = affine column 1)
+    shift = SpatialParams(eye, tuple(aff[:3, 1].tolist()), (0.0, 0.0, 0.0), 0, 0.0, 30.0, {})
+    moved = _Sampler(arr.shape, aff, arr.shape, aff, shift).sample(arr)[0]
+    assert moved is not None
+    assert np.array_equal(moved[:, :-1], arr[:, 1:]) and np.all(moved[:, -1] == 0)
+
+
 # ------------------------------------------------------------------------------ filters
 def test_blur_and_thick_slices_known_answers(rng) -> None:
     a = rng.random((20, 24, 28)).astype(np.float32)

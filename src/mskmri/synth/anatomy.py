@@ -245,11 +245,6 @@ def _assign(t: np.ndarray, box: Sequence[slice], mask: np.ndarray, tissue: int) 
     return int(sel.sum())
 
 
-def _box_around(grid: Grid, points: np.ndarray, margin: float | Sequence[float]):
-    m = np.broadcast_to(np.asarray(margin, dtype=float), (3,))
-    return grid.box_mm(points.min(axis=0) - m, points.max(axis=0) + m)
-
-
 def _slab(points: np.ndarray, axis: int, lo: float, hi: float) -> np.ndarray:
     return points[(points[:, axis] >= lo) & (points[:, axis] <= hi)]
 
