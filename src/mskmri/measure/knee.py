@@ -5,21 +5,31 @@ What is measured now:
 - ``volume`` (mL) of every knee structure present (bones, cartilage plates, menisci, joint
   effusion, muscle, ligaments, fat pad): voxel count x voxel volume, the voxel volume being
   ``|det|`` of the affine's 3x3 part, so the number does not depend on the storage orientation.
+  The joint effusion volume is ``volume.joint_effusion``, the muscle volume ``volume.muscle``,
+  the meniscal volumes ``volume.medial_meniscus`` and ``volume.lateral_meniscus``; a
+  structure absent from the map has no entry (it is not reported as 0 mL, since a map from a
+  source that does not label it would otherwise read as "none").
+- ``thickness_mean`` and ``thickness_max`` (mm) of each cartilage plate (femoral, medial
+  tibial, lateral tibial, patellar) over its bone-cartilage interface
+  (:func:`cartilage_thickness`, method in its docstring); the number of interface voxels is
+  in ``extra["interface_voxels"]``.
 - with a lesion mask (1 = bone marrow lesion): ``lesion_volume`` (mL) and ``lesion_count`` per
   bone, each lesion (26-connected component) assigned to the bone it overlaps most, and the
   total ``lesion_volume``.
 
-Where later measurements slot in: :func:`measure_knee` calls one function per group of
-measurements (:data:`_STEPS`); cartilage thickness and image-based measurements are added as
-further steps that take the same arguments and return ``(measurements, warnings)``.
+How it is organised: :func:`measure_knee` calls one function per group of measurements
+(:data:`_STEPS`); each step takes ``(seg, *, image, lesions)`` and returns
+``(measurements, warnings)``. Image-based measurements are added the same way.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Final
 
 import numpy as np
@@ -55,6 +65,35 @@ LESION_VOLUME_METHOD = (
     "overlaps most"
 )
 LESION_COUNT_METHOD = "26-connected components of the lesion mask, assigned to the bone they overlap most"
+
+#: Cartilage plate -> the bone it covers (the bone-cartilage interface is measured from).
+CARTILAGE_PLATES: Mapping[str, str] = MappingProxyType(
+    {
+        "femoral_cartilage": "femur",
+        "medial_tibial_cartilage": "tibia",
+        "lateral_tibial_cartilage": "tibia",
+        "patellar_cartilage": "patella",
+    }
+)
+
+#: Search margin (mm) around a plate for its articular surface: the distance map is computed
+#: in the plate's bounding box grown by this much, so thicknesses above it are not measured
+#: (human cartilage is at most ~7 mm thick); values at this cap are flagged in a warning.
+THICKNESS_SEARCH_MM: Final = 15.0
+
+#: Largest |cosine| between two affine columns for the grid to count as orthogonal: the
+#: distance transform works along the array axes, so a sheared grid (e.g. DICOM gantry tilt)
+#: would give wrong millimetres; such a map gets no thickness (NaN with a reason).
+ORTHOGONAL_COSINE_TOL: Final = 1e-3
+
+#: Fewest interface voxels for a plate's thickness to be reported (fewer: NaN with a reason).
+MIN_THICKNESS_POINTS: Final = 10
+
+THICKNESS_METHOD = (
+    "Euclidean distance (world mm) from each cartilage voxel on the bone-cartilage interface "
+    "to the nearest voxel outside cartilage and bone (the articular side); "
+    "scipy.ndimage.distance_transform_edt with sampling = voxel spacing"
+)
 
 #: A measurement step: ``step(seg, *, image, lesions) -> (measurements, warnings)``.
 Step = Callable[..., tuple[list[Measurement], list[str]]]
@@ -202,9 +241,190 @@ def _lesion_step(
     return lesion_volumes_by_bone(seg, lesions)
 
 
+@dataclass(frozen=True)
+class PlateThickness:
+    """Thickness samples of one cartilage plate.
+
+    Attributes
+    ----------
+    plate, bone : str
+        Knee-schema names of the cartilage plate and of the bone under it.
+    values_mm : (N,) ndarray
+        Thickness (mm) at each of the N cartilage voxels on the bone-cartilage interface.
+    points_mm : (N, 3) ndarray
+        World position (RAS+, mm) of those voxels' centres.
+    capped : int
+        Interface voxels whose articular surface lies beyond :data:`THICKNESS_SEARCH_MM`
+        (excluded from ``values_mm``).
+    """
+
+    plate: str
+    bone: str
+    values_mm: np.ndarray
+    points_mm: np.ndarray
+    capped: int = 0
+
+
+def _grid_is_orthogonal(affine: np.ndarray) -> bool:
+    cols = np.asarray(affine, dtype=np.float64)[:3, :3]
+    unit_cols = cols / np.linalg.norm(cols, axis=0, keepdims=True)
+    gram = unit_cols.T @ unit_cols
+    return bool(np.max(np.abs(gram - np.eye(3))) <= ORTHOGONAL_COSINE_TOL)
+
+
+def cartilage_thickness(
+    seg: LabelVolume, plate: str, *, search_mm: float = THICKNESS_SEARCH_MM
+) -> PlateThickness | None:
+    """Local thickness (mm) of one cartilage plate at each voxel of its bone interface.
+
+    Method. Let C be the plate's voxels and B the voxels of the bone it covers
+    (:data:`CARTILAGE_PLATES`). The *interface* is the set of voxels of C that share a face
+    with B. For each interface voxel the thickness is the Euclidean distance, in world mm,
+    from its centre to the nearest voxel centre outside C and B, i.e. to the first voxel on
+    the articular side (joint space, fluid, the opposing plate, meniscus, ...). It is read
+    from ``scipy.ndimage.distance_transform_edt(C | B, sampling=spacing)``, so it does not
+    depend on the storage orientation or on anisotropic voxels, only on their size.
+
+    For a flat plate of ``n`` voxels along its normal, of size ``h`` along that normal, the
+    value is exactly ``n * h``: the answer is exact to the voxelisation of the plate, i.e.
+    within half a voxel (``h / 2``) of the continuous thickness; on curved surfaces the
+    nearest-voxel choice also varies by about that much (see the tests for the tolerances).
+    At a plate's rim the nearest outside voxel may lie sideways, so rim values are low.
+
+    Parameters
+    ----------
+    seg : LabelVolume
+        (I, J, K) knee-schema label map with known, orthogonal geometry.
+    plate : str
+        One of :data:`CARTILAGE_PLATES`.
+    search_mm : float
+        Distances are searched up to this far (mm) from the plate; interface voxels farther
+        from any articular-side voxel are counted in ``capped`` and left out.
+
+    Returns
+    -------
+    PlateThickness or None
+        None when the plate or its bone is absent, or the plate touches its bone nowhere.
+
+    Raises
+    ------
+    GeometryError
+        When the map has no geometry or a sheared (non-orthogonal) grid.
+    """
+    from scipy import ndimage
+
+    if plate not in CARTILAGE_PLATES:
+        raise LabelError(f"{plate!r} is not a cartilage plate; choose from {list(CARTILAGE_PLATES)}")
+    seg.require_geometry("a cartilage thickness in mm")
+    if not _grid_is_orthogonal(seg.affine):
+        raise GeometryError(
+            "the label map's voxel axes are not orthogonal (sheared grid, e.g. gantry tilt), "
+            "so distances along the array are not world mm; resample it onto an orthogonal "
+            "grid first (Volume.resample_to_grid)"
+        )
+    bone = CARTILAGE_PLATES[plate]
+    arr = seg.array
+    cart = arr == KNEE_ID[plate]
+    if not cart.any():
+        return None
+    idx = np.argwhere(cart)
+    spacing = np.asarray(seg.spacing)
+    margin = np.ceil(search_mm / spacing).astype(int) + 1
+    lo = np.maximum(idx.min(axis=0) - margin, 0)
+    hi = np.minimum(idx.max(axis=0) + margin + 1, np.asarray(arr.shape))
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    sub = arr[box]
+    c = cart[box]
+    b = sub == KNEE_ID[bone]
+    if not b.any():
+        return None
+    face = ndimage.generate_binary_structure(3, 1)
+    interface = c & ndimage.binary_dilation(b, structure=face)
+    if not interface.any():
+        return None
+    solid = c | b
+    if solid.all():
+        return PlateThickness(plate, bone, np.zeros(0), np.zeros((0, 3)),
+                              capped=int(interface.sum()))
+    dist = ndimage.distance_transform_edt(solid, sampling=spacing)
+    values = dist[interface]
+    where = np.argwhere(interface) + lo
+    ok = values <= search_mm
+    return PlateThickness(
+        plate=plate, bone=bone, values_mm=values[ok].astype(np.float64),
+        points_mm=seg.voxel_to_world(where[ok]), capped=int((~ok).sum()),
+    )
+
+
+def cartilage_thickness_measurements(seg: LabelVolume) -> tuple[list[Measurement], list[str]]:
+    """Mean and maximum thickness (mm) of every cartilage plate present in ``seg``.
+
+    Parameters
+    ----------
+    seg : LabelVolume
+        (I, J, K) knee-schema label map with known geometry.
+
+    Returns
+    -------
+    measurements : list of Measurement
+        ``thickness_mean`` and ``thickness_max`` (mm) per plate present, in
+        :data:`CARTILAGE_PLATES` order; NaN with a ``reason`` when a plate is present but
+        cannot be measured (its bone absent, no interface, a sheared grid).
+    warnings : list of str
+        One per plate that could not be measured or had capped values.
+    """
+    seg.require_geometry("a cartilage thickness in mm")
+    out: list[Measurement] = []
+    warnings: list[str] = []
+    present = set(seg.present_values())
+    for plate, bone in CARTILAGE_PLATES.items():
+        if KNEE_ID[plate] not in present:
+            continue
+        reason = None
+        res: PlateThickness | None = None
+        try:
+            res = cartilage_thickness(seg, plate)
+        except GeometryError as exc:
+            reason = str(exc)
+        if reason is None and res is None:
+            reason = (f"no {bone} in the label map" if KNEE_ID[bone] not in present
+                      else f"the {plate.replace('_', ' ')} touches the {bone} nowhere")
+        if reason is None and res is not None and res.values_mm.size < MIN_THICKNESS_POINTS:
+            reason = (f"only {res.values_mm.size} interface voxels (fewer than "
+                      f"{MIN_THICKNESS_POINTS})")
+        if reason is not None or res is None:
+            why = reason or "not measured"
+            warnings.append(f"{plate.replace('_', ' ')} thickness not measured: {why}")
+            for name in ("thickness_mean", "thickness_max"):
+                out.append(Measurement(name=name, value=float("nan"), unit="mm", structure=plate,
+                                       method=THICKNESS_METHOD, extra={"reason": why}))
+            continue
+        extra = {"interface_voxels": int(res.values_mm.size), "bone": bone}
+        if res.capped:
+            extra["capped_voxels"] = res.capped
+            warnings.append(
+                f"{res.capped} interface voxels of the {plate.replace('_', ' ')} have no "
+                f"articular surface within {THICKNESS_SEARCH_MM:g} mm and are left out of its "
+                "thickness: check the segmentation"
+            )
+        out.append(Measurement(name="thickness_mean", value=float(res.values_mm.mean()),
+                               unit="mm", structure=plate, method=THICKNESS_METHOD, extra=extra))
+        out.append(Measurement(name="thickness_max", value=float(res.values_mm.max()),
+                               unit="mm", structure=plate, method=THICKNESS_METHOD,
+                               extra={"interface_voxels": int(res.values_mm.size)}))
+    return out, warnings
+
+
+def _thickness_step(
+    seg: LabelVolume, *, image: Volume | None, lesions: LabelVolume | None
+) -> tuple[list[Measurement], list[str]]:
+    del image, lesions  # thickness needs only the label map
+    return cartilage_thickness_measurements(seg)
+
+
 #: The measurement steps, in output order. Each takes ``(seg, *, image, lesions)`` and
-#: returns ``(measurements, warnings)``; add cartilage thickness etc. here.
-_STEPS: list[Step] = [_volume_step, _lesion_step]
+#: returns ``(measurements, warnings)``; image-based measurements are added here.
+_STEPS: list[Step] = [_volume_step, _thickness_step, _lesion_step]
 
 
 def _check_inputs(seg: LabelVolume, image: Volume | None, lesions: LabelVolume | None) -> None:
@@ -259,8 +479,8 @@ def measure_knee(
     Returns
     -------
     list of Measurement
-        Volumes per structure (mL), then lesion volumes/counts per bone when ``lesions`` is
-        given. Warnings are logged; use :func:`measure_knee_with_warnings` to get them.
+        Volumes per structure (mL), cartilage thickness per plate (mm), then lesion
+        volumes/counts per bone when ``lesions`` is given. Warnings are logged; use :func:`measure_knee_with_warnings` to get them.
     """
     return measure_knee_with_warnings(seg, image=image, lesions=lesions)[0]
 
@@ -304,7 +524,11 @@ def measure_knee_files(
 
 
 __all__: list[str] = [
+    "CARTILAGE_PLATES",
     "CORE_STRUCTURES",
+    "PlateThickness",
+    "cartilage_thickness",
+    "cartilage_thickness_measurements",
     "check_knee_labels",
     "knee_volumes",
     "lesion_volumes_by_bone",
