@@ -1,0 +1,118 @@
+"""Surface meshes: world positions for any storage, outward normals, volumes, LPS files."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from conftest import random_orientation_affine
+
+pytest.importorskip("trimesh")
+import trimesh  # noqa: E402
+
+from mskmri.labels import KNEE  # noqa: E402
+from mskmri.report.mesh import (  # noqa: E402
+    RAS_TO_LPS,
+    MeshError,
+    label_mesh,
+    structure_meshes,
+    write_meshes,
+)
+from mskmri.volume import LabelVolume  # noqa: E402
+
+RADIUS = 10.0  # mm
+SPACING = (0.6, 0.5, 0.8)
+KNEE_ID_TIBIA = 2
+
+
+def _sphere(affine_of, *, radius: float = RADIUS, spacing=SPACING) -> tuple[LabelVolume, np.ndarray]:
+    """A ball of ``radius`` mm (label 1 = femur) and its world centre."""
+    shape = [int(np.ceil((2 * radius + 6) / s)) for s in spacing]
+    i, j, k = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    c = [(n - 1) / 2 + 0.23 for n in shape]  # centre off the voxel grid
+    r = np.sqrt(((i - c[0]) * spacing[0]) ** 2 + ((j - c[1]) * spacing[1]) ** 2
+                + ((k - c[2]) * spacing[2]) ** 2)
+    a = np.zeros(shape, np.uint8)
+    a[r <= radius] = 1
+    a[2:4, 2:4, 2:4] = KNEE_ID_TIBIA  # a small cube of another structure
+    seg = LabelVolume(a, affine_of(spacing), dict(KNEE), schema="knee")
+    return seg, seg.voxel_to_world([c])[0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("smoothing", [0, 10])
+def test_sphere_mesh_world_position_volume_and_normals(seed, smoothing):
+    rng = np.random.default_rng(seed)
+    seg, centre = _sphere(lambda sp: random_orientation_affine(rng, spacing=sp))
+    mesh = label_mesh(seg, [1], name="femur", smoothing_iterations=smoothing)
+    # vertices are world RAS+ mm around the world centre, at the sphere's radius
+    r = np.linalg.norm(mesh.vertices - centre, axis=1)
+    assert abs(r.mean() - RADIUS) < 0.3
+    assert r.min() > RADIUS - 1.0 and r.max() < RADIUS + 1.0
+    # volume: mesh ~ voxel count x voxel volume ~ 4/3 pi r^3 (within 2 %)
+    voxel_ml = np.count_nonzero(seg.array == 1) * seg.voxel_volume_mm3 / 1000
+    assert mesh.volume_ml == pytest.approx(voxel_ml, rel=0.02)
+    assert mesh.volume_ml == pytest.approx(4 / 3 * math.pi * RADIUS**3 / 1000, rel=0.02)
+    # outward normals, whatever the sign of the affine's determinant
+    tm = mesh.to_trimesh()
+    assert tm.is_watertight and tm.is_winding_consistent
+    assert tm.volume > 0
+    outward = np.einsum("ij,ij->i", tm.face_normals, tm.triangles_center - centre)
+    assert np.mean(outward > 0) > 0.99
+
+
+def test_both_determinant_signs_are_covered():
+    dets = set()
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        dets.add(np.sign(np.linalg.det(random_orientation_affine(rng)[:3, :3])))
+    assert dets == {-1.0, 1.0}
+
+
+def test_same_surface_in_every_storage(rng):
+    seg, centre = _sphere(lambda sp: random_orientation_affine(rng, spacing=sp))
+    ref = label_mesh(seg, [1], name="femur", smoothing_iterations=0)
+    for codes in ("LPI", "SAR", "RAS"):
+        other = label_mesh(seg.reorient(codes), [1], name="femur", smoothing_iterations=0)
+        assert other.volume_ml == pytest.approx(ref.volume_ml, rel=1e-9)
+        assert np.allclose(np.sort(other.vertices, axis=0), np.sort(ref.vertices, axis=0))
+
+
+def test_display_downsampling_keeps_a_closed_outward_surface(rng):
+    seg, centre = _sphere(lambda sp: random_orientation_affine(rng, spacing=sp))
+    full = label_mesh(seg, [1], name="femur", smoothing_iterations=0)
+    coarse = label_mesh(seg, [1], name="femur", downsample=3, smoothing_iterations=0)
+    assert len(coarse.faces) < len(full.faces) / 4
+    assert coarse.volume_ml == pytest.approx(full.volume_ml, rel=0.06)
+    assert coarse.to_trimesh().is_winding_consistent
+    r = np.linalg.norm(coarse.vertices - centre, axis=1)
+    assert abs(r.mean() - RADIUS) < 0.6
+
+
+def test_structure_meshes_and_files_are_lps(tmp_path, rng):
+    seg, centre = _sphere(lambda sp: random_orientation_affine(rng, spacing=sp))
+    meshes = structure_meshes(seg, smoothing_iterations=0)
+    assert [m.name for m in meshes] == ["femur", "tibia"]
+    assert meshes[0].colour.startswith("#")
+    files = write_meshes(meshes, tmp_path / "meshes")
+    assert sorted(p.name for p in files) == ["femur.ply", "femur.stl", "tibia.ply", "tibia.stl"]
+    assert sorted(p.name for p in (tmp_path / "meshes").iterdir()) == sorted(p.name for p in files)
+    stl = (tmp_path / "meshes" / "femur.stl").read_bytes()
+    assert stl[:9] == b"SPACE=LPS"
+    ply = (tmp_path / "meshes" / "femur.ply").read_bytes()
+    assert b"comment SPACE=LPS\n" in ply.split(b"end_header")[0]
+    for name in ("femur.stl", "femur.ply"):
+        back = trimesh.load(tmp_path / "meshes" / name, force="mesh")
+        # the file holds LPS = (-x, -y, z) of the RAS+ vertices
+        lps_centre = RAS_TO_LPS @ centre
+        assert np.allclose(back.vertices.mean(axis=0), lps_centre, atol=0.3)
+        assert back.volume / 1000 == pytest.approx(meshes[0].volume_ml, rel=1e-4)
+
+
+def test_empty_structure_and_bad_format(tmp_path, rng):
+    seg, _ = _sphere(lambda sp: random_orientation_affine(rng, spacing=sp))
+    with pytest.raises(MeshError, match="no voxel"):
+        label_mesh(seg, [9], name="medial_meniscus")
+    with pytest.raises(MeshError, match="unknown mesh format"):
+        write_meshes(structure_meshes(seg, structures=["tibia"]), tmp_path, formats=["obj"])
