@@ -204,8 +204,8 @@ def label_mesh(
     if not mask.any():
         raise MeshError(f"no voxel of {name!r} (values {list(values)}) in the label map; "
                         "nothing to mesh")
-    factors = (int(downsample),) * 3 if np.isscalar(downsample) else tuple(
-        int(v) for v in downsample)  # type: ignore[union-attr]
+    factors = ((downsample,) * 3 if isinstance(downsample, (int, np.integer))
+               else tuple(int(v) for v in downsample))
     if len(factors) != 3 or min(factors) < 1:
         raise MeshError(f"downsample must be a positive int or 3 of them, not {downsample!r}")
     verts, faces = _mask_surface(mask, seg.affine, downsample=factors)
