@@ -116,3 +116,40 @@ def test_empty_structure_and_bad_format(tmp_path, rng):
         label_mesh(seg, [9], name="medial_meniscus")
     with pytest.raises(MeshError, match="unknown mesh format"):
         write_meshes(structure_meshes(seg, structures=["tibia"]), tmp_path, formats=["obj"])
+
+
+# --------------------------------------------------------------------------- 3-D views
+def test_knee_side_and_views(rng):
+    from mskmri.report.views import knee_side, knee_views, render_knee_views
+
+    a = np.zeros((40, 30, 50), np.uint8)
+    a[10:20, 10:20, 30:48] = 1  # femur
+    a[10:20, 10:20, 5:28] = 2  # tibia
+    a[24:28, 12:16, 5:20] = 4  # fibula at higher x = patient's right in a RAS grid
+    seg = LabelVolume(a, np.diag([1.0, 1.0, 1.0, 1.0]), dict(KNEE), schema="knee")
+    assert knee_side(seg) == "right"
+    assert knee_side(seg.reorient("LPI")) == "right"  # storage does not matter
+    mirrored = LabelVolume(a, np.diag([-1.0, 1.0, 1.0, 1.0]), dict(KNEE), schema="knee")
+    assert knee_side(mirrored) == "left"
+    assert [v.name for v in knee_views(None)] == ["anterior", "right", "left"]
+    per_view, combined, views = render_knee_views(seg)
+    assert [v.name for v in views] == ["anterior", "lateral", "medial"]
+    assert set(per_view) == {"anterior", "lateral", "medial"}
+    from io import BytesIO
+
+    from matplotlib.image import imread
+
+    # from the lateral side (camera on the right looking left) the fibula hides part of the
+    # tibia: its purple is on screen, and the femur's colour too
+    from mskmri.report.colours import hex_to_rgb
+
+    def share(png: bytes, colour: str) -> float:
+        img = imread(BytesIO(png))
+        rgb = np.asarray(hex_to_rgb(colour))
+        lit = img[..., :3] / np.maximum(img[..., :3].max(axis=-1, keepdims=True), 1e-6)
+        ref = rgb / rgb.max()
+        return float(np.mean(np.all(np.abs(lit - ref) < 0.08, axis=-1)))
+
+    assert share(per_view["lateral"], "#8e7cc3") > 0.01  # fibula seen from the lateral side
+    assert share(per_view["medial"], "#8e7cc3") < 0.002  # and hidden behind the tibia from the medial side
+    assert combined[:8] == b"\x89PNG\r\n\x1a\n"
