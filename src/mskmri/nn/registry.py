@@ -440,6 +440,19 @@ class TrainTask:
 #: (knee-seg, spine-seg, inpaint, mkd, mae, pretrain); the parser reads this table.
 TRAIN_TASKS: dict[str, TrainTask] = {}
 
+TRAIN_TASKS["spine-seg"] = TrainTask(
+    name="spine-seg",
+    help="2-D U-Net for vertebral bodies on sagittal spine MRI (real MyoSegmenTUM + Chu exams)",
+    entry="mskmri.segment.spine_train:run",
+    options=(
+        TrainOption(("--data",), {"metavar": "DIR", "help": "shared data folder holding "
+                                  "spine/ (default: the configured shared data)"}),
+        TrainOption(("--threads",), {"type": int, "help": "torch CPU threads"}),
+    ),
+    defaults={"steps": 3000, "batch_size": 8, "lr": 2e-3, "val_every": 250,
+              "checkpoint_every": 250, "seed": 0},
+)
+
 
 def train_task(name: str) -> TrainTask:
     """The registered task ``name``; a helpful error otherwise."""
