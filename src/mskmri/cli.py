@@ -377,6 +377,92 @@ def _run_synth(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ============================================================================ segment / analyze
+# One `segment` and one `analyze` command; each anatomy adds its runner to the tables below
+# (spine here; the knee slot is for the knee pipeline: add "knee": _run_segment_knee / ...).
+def _run_segment_spine(args: argparse.Namespace) -> int:
+    """``mskmri segment spine IMAGE OUT``: vertebral bodies by level, written with a sidecar."""
+    from mskmri.segment.spine import segment_spine_file
+
+    res = segment_spine_file(args.image, args.out, model=args.model, device=args.device)
+    log.info("wrote %s (%d structures; levels: %s)", args.out, len(res.labels.present_values()),
+             res.level_source)
+    return EXIT_OK
+
+
+def _run_analyze_spine(args: argparse.Namespace) -> int:
+    """``mskmri analyze spine IMAGE --out DIR [--seg SEG]``."""
+    import shlex
+
+    from mskmri.analyze_spine import analyze_spine
+
+    command = "mskmri " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    analyze_spine(args.image, args.out, seg_path=args.seg, model=args.model,
+                  device=args.device, command=command)
+    return EXIT_OK
+
+
+# ==== segment knee
+def _run_segment_knee(args: argparse.Namespace) -> int:
+    """``mskmri segment knee IMAGE OUT``: 17 knee classes, coarse-to-fine, with a sidecar."""
+    from mskmri.segment.knee import segment_knee_file
+
+    labels = segment_knee_file(args.image, args.out, model=args.model, device=args.device)
+    log.info("wrote %s (%d structures)", args.out, len(labels.present_values()))
+    for warning in labels.meta.get("warnings", []):
+        log.warning("%s", warning)
+    return EXIT_OK
+
+
+#: anatomy -> runner of ``mskmri segment ANATOMY IMAGE OUT``.
+_SEGMENT_RUNNERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "spine": _run_segment_spine,
+    "knee": _run_segment_knee,
+}
+#: anatomy -> runner of ``mskmri analyze ANATOMY IMAGE --out DIR``.
+_ANALYZE_RUNNERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "spine": _run_analyze_spine,
+}
+
+
+def _add_segment(sub: Any) -> None:
+    p = sub.add_parser("segment", help="segment an image with a shipped model (spine: "
+                       "vertebral bodies by level) and write the label map with its sidecar")
+    p.add_argument("anatomy", choices=sorted(_SEGMENT_RUNNERS), help="which anatomy")
+    p.add_argument("image", metavar="IMAGE", help="input image (NIfTI, NRRD, MHA, DICOM)")
+    p.add_argument("out", metavar="OUT", help="output label map (.nii.gz, ...), on IMAGE's grid")
+    p.add_argument("--model", default=None, help="model name or *.safetensors (default: the "
+                   "shipped model of ANATOMY, e.g. spine-seg)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    p.set_defaults(run=_run_segment)
+
+
+def _run_segment(args: argparse.Namespace) -> int:
+    if args.model is None:
+        args.model = f"{args.anatomy}-seg"
+    return _SEGMENT_RUNNERS[args.anatomy](args)
+
+
+def _add_analyze(sub: Any) -> None:
+    p = sub.add_parser("analyze", help="whole pipeline: segmentation, measurements.json and "
+                       "an HTML report with the measurements drawn on the image")
+    p.add_argument("anatomy", choices=sorted(_ANALYZE_RUNNERS), help="which anatomy")
+    p.add_argument("image", metavar="IMAGE", help="input image")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (written "
+                   "atomically; an empty folder or a previous analysis is replaced)")
+    p.add_argument("--seg", metavar="SEG", help="use this label map (on IMAGE's grid) instead "
+                   "of segmenting")
+    p.add_argument("--model", default=None, help="segmentation model name or *.safetensors")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    p.set_defaults(run=_run_analyze)
+
+
+def _run_analyze(args: argparse.Namespace) -> int:
+    if args.model is None:
+        args.model = f"{args.anatomy}-seg"
+    return _ANALYZE_RUNNERS[args.anatomy](args)
+
+
 # ============================================================================ registry
 #: (adder) for every subcommand, in help order. Add new commands here.
 _COMMANDS: list[Callable[[Any], None]] = [
@@ -388,6 +474,8 @@ _COMMANDS: list[Callable[[Any], None]] = [
     _add_stats,
     _add_train,
     _add_synth,
+    _add_segment,
+    _add_analyze,
 ]
 
 
