@@ -1,0 +1,463 @@
+"""The whole knee pipeline as one library function: image in, a folder of results out.
+
+:func:`analyze_knee` (and ``mskmri analyze knee IMAGE --out DIR [--seg SEG] [--lesions MASK]``)
+does, in order:
+
+1. read the image (DICOM folder, NIfTI, NRRD, MHA; :func:`mskmri.io.read`) and refuse a 2-D
+   image or one without geometry;
+2. get the knee segmentation: from ``seg_path`` when given (it must be in the knee schema and
+   on the image's grid), otherwise from a *segmenter* ``f(image: Volume) -> LabelVolume``
+   (default: :func:`default_knee_segmenter`, i.e. ``mskmri.segment.knee.segment_knee`` once
+   that model ships);
+3. measure (:func:`mskmri.measure.knee.measure_knee_with_warnings`): volumes, effusion,
+   muscle, menisci, cartilage thickness, lesions per bone;
+4. build one mesh per structure (:mod:`mskmri.report.mesh`) and render the 3-D views
+   (:mod:`mskmri.report.views`);
+5. write the report (:mod:`mskmri.report.html`).
+
+Everything is written into a temporary folder beside ``DIR`` that is renamed to ``DIR`` only
+when complete. ``DIR`` then holds:
+
+=========================  ===========================================================
+``segmentation.nii.gz``    knee label map in the image's geometry (+ ``segmentation.json``)
+``lesions.nii.gz``         the lesion mask, when one was given (+ ``lesions.json``)
+``measurements.json``      ``mskmri/measurements/1`` (warnings included)
+``meshes/<name>.stl|ply``  one surface per structure, LPS mm (3D Slicer's convention)
+``views/<view>.png``       anterior, lateral, medial renders of the reconstruction
+``report.html``            self-contained report: overlays, 3-D views, measurements, warnings
+``manifest.json``          ``mskmri/manifest/1``, kind ``analysis``: command, options,
+                           versions, timings, size and SHA-256 of every output
+=========================  ===========================================================
+
+Bad input gives a :class:`~mskmri.errors.MskMriError` (exit 2 on the command line) and leaves
+nothing behind: a 2-D image, a label map with values outside the knee schema, a label map or
+lesion mask on another grid. Doubtful input that can still be measured (no femur or tibia,
+plates that cannot be measured) gives warnings in ``measurements.json`` and in the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import importlib
+import importlib.metadata
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from mskmri.errors import GeometryError, ModelError, MskMriError
+from mskmri.volume import LabelVolume, Volume
+
+log = logging.getLogger(__name__)
+
+#: A segmenter: ``f(image) -> knee label map on the image's grid``.
+Segmenter = Callable[[Volume], LabelVolume]
+
+#: Where the default knee segmenter lives: ``"module:function"``.
+KNEE_SEGMENTER: Final = "mskmri.segment.knee:segment_knee"
+
+#: Version tag and kind of ``manifest.json``.
+MANIFEST_SCHEMA: Final = "mskmri/manifest/1"
+MANIFEST_KIND: Final = "analysis"
+
+#: Output names inside the analysis folder.
+SEGMENTATION_FILE: Final = "segmentation.nii.gz"
+LESIONS_FILE: Final = "lesions.nii.gz"
+MEASUREMENTS_FILE: Final = "measurements.json"
+REPORT_FILE: Final = "report.html"
+MANIFEST_FILE: Final = "manifest.json"
+MESHES_DIR: Final = "meshes"
+VIEWS_DIR: Final = "views"
+
+#: Structures whose centroid the overview slices pass through (the joint line).
+OVERVIEW_STRUCTURES: tuple[str, ...] = (
+    "femoral_cartilage", "medial_tibial_cartilage", "lateral_tibial_cartilage",
+    "medial_meniscus", "lateral_meniscus",
+)
+#: Compartments shown as sagittal slices through their tibial plate (name, structure).
+COMPARTMENT_SLICES: tuple[tuple[str, str], ...] = (
+    ("Medial compartment", "medial_tibial_cartilage"),
+    ("Lateral compartment", "lateral_tibial_cartilage"),
+)
+
+#: Distributions whose versions go into the manifest.
+_VERSIONED = ("numpy", "scipy", "nibabel", "scikit-image", "trimesh", "matplotlib", "jinja2",
+              "SimpleITK", "pydicom")
+
+
+@dataclass(frozen=True)
+class AnalysisResult:
+    """What :func:`analyze_knee` wrote.
+
+    Attributes
+    ----------
+    out_dir : Path
+        The analysis folder.
+    files : list of str
+        Paths relative to ``out_dir`` of every file written.
+    measurements : dict
+        The ``mskmri/measurements/1`` document.
+    warnings : list of str
+        Everything a reader must know (also in the document and the report).
+    timings_s : dict of str to float
+        Wall time of each step (s) and ``"total"``.
+    """
+
+    out_dir: Path
+    files: list[str]
+    measurements: dict[str, Any]
+    warnings: list[str]
+    timings_s: dict[str, float]
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._t0 = time.perf_counter()
+
+    @contextlib.contextmanager
+    def step(self, name: str, message: str) -> Iterator[None]:
+        log.info("%s ...", message)
+        t = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - t, 3)
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self._t0, 3)
+
+
+def default_knee_segmenter() -> Segmenter:
+    """The shipped knee segmenter (:data:`KNEE_SEGMENTER`).
+
+    Raises
+    ------
+    ModelError
+        While no knee model ships with this version: the message says how to pass a
+        segmentation made elsewhere (``--seg``).
+    """
+    module_name, _, func = KNEE_SEGMENTER.partition(":")
+    hint = ("the knee segmentation model is not available in this version of mskmri yet; "
+            "segment the image elsewhere and pass the label map with --seg SEG (knee schema, "
+            "on the image's grid), e.g. `mskmri analyze knee IMAGE --out DIR --seg SEG`")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and module_name.startswith(exc.name):
+            raise ModelError(hint) from exc
+        raise
+    fn = getattr(module, func, None)
+    if fn is None or not callable(fn):
+        raise ModelError(hint)
+    segmenter: Segmenter = fn
+    return segmenter
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse to replace anything but a previous analysis folder (or an empty one)."""
+    import json
+
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise MskMriError(f"{out_dir} exists and is not a folder; give a new --out folder")
+    if not any(out_dir.iterdir()):
+        return
+    try:
+        kind = json.loads((out_dir / MANIFEST_FILE).read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind != MANIFEST_KIND:
+        raise MskMriError(
+            f"{out_dir} exists and is not a previous analysis (no analysis {MANIFEST_FILE}); "
+            "give a new --out folder or remove it first"
+        )
+
+
+def _require_on_grid(image: Volume, other: Volume, what: str, source: Any) -> None:
+    if not image.same_geometry(other):
+        raise GeometryError(
+            f"the {what} {source} ({other.shape}, {''.join(other.orientation)}, spacing "
+            f"{tuple(round(s, 4) for s in other.spacing)} mm) is not on the image's grid "
+            f"({image.shape}, {''.join(image.orientation)}, spacing "
+            f"{tuple(round(s, 4) for s in image.spacing)} mm); give the {what} made from "
+            "this image (same shape and affine)"
+        )
+
+
+def _read_segmentation(path: str | os.PathLike[str], image: Volume) -> LabelVolume:
+    from mskmri.io import read_labels
+    from mskmri.measure.knee import check_knee_labels
+
+    seg = read_labels(path, schema="knee", strict=False)
+    check_knee_labels(seg)  # LabelError naming the values outside the knee schema
+    _require_on_grid(image, seg, "label map", path)
+    return seg
+
+
+def _read_lesions(path: str | os.PathLike[str], image: Volume) -> LabelVolume:
+    from mskmri.io import read_labels
+    from mskmri.labels import LESION
+    from mskmri.measure.base import check_label_values
+
+    les = read_labels(path, schema="lesion", strict=False)
+    check_label_values(les, LESION, schema_name="lesion")
+    _require_on_grid(image, les, "lesion mask", path)
+    return les
+
+
+def _segment(image: Volume, segmenter: Segmenter) -> LabelVolume:
+    seg = segmenter(image)
+    if not isinstance(seg, LabelVolume):
+        raise ModelError(f"the segmenter returned {type(seg).__name__}, not a LabelVolume")
+    if not image.same_geometry(seg):
+        raise ModelError("the segmenter returned a label map off the image's grid; a "
+                         "segmenter must return its labels in the geometry of its input")
+    from mskmri.measure.knee import check_knee_labels
+
+    check_knee_labels(seg)
+    return seg
+
+
+def _versions() -> dict[str, str]:
+    from mskmri import __version__
+
+    out = {"mskmri": __version__, "python": sys.version.split()[0]}
+    for dist in _VERSIONED:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[dist] = importlib.metadata.version(dist)
+    return out
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return {"bytes": path.stat().st_size, "sha256": digest}
+
+
+def _overlay_figures(image: Volume, seg: LabelVolume, lesions: LabelVolume | None) -> list[Any]:
+    """Overlays at representative slices: the joint centre, each compartment, the lesion."""
+    from mskmri.labels import KNEE_ID
+    from mskmri.report.figures import ReportFigure, label_centroid_world, overlay_figure
+
+    figures = []
+    centre = label_centroid_world(seg, [KNEE_ID[n] for n in OVERVIEW_STRUCTURES])
+    where = "the centre of the joint (cartilage and menisci)"
+    if centre is None:
+        centre = label_centroid_world(seg)
+        where = "the centre of the segmented structures"
+    figures.append(ReportFigure(
+        title="Image and segmentation",
+        png=overlay_figure(image, seg, lesions=lesions, centre_mm=centre, plain_row=True),
+        caption=f"Sagittal, coronal and axial slices through {where}: the image (top) and "
+                "the label map over it (bottom), each structure outlined in its colour.",
+    ))
+    for title, structure in COMPARTMENT_SLICES:
+        c = label_centroid_world(seg, [KNEE_ID[structure]])
+        if c is None:
+            continue
+        figures.append(ReportFigure(
+            title=title,
+            png=overlay_figure(image, seg, lesions=lesions, centre_mm=c,
+                               planes=("sagittal", "coronal")),
+            caption=f"Sagittal and coronal slices through the centre of the "
+                    f"{structure.replace('_', ' ')}.",
+        ))
+    if lesions is not None and lesions.array.any():
+        c = label_centroid_world(lesions)
+        figures.append(ReportFigure(
+            title="Bone marrow lesions",
+            png=overlay_figure(image, lesions=lesions, centre_mm=c, plain_row=True),
+            caption="Slices through the centre of the lesion mask: the image (top) and the "
+                    "lesions outlined in magenta (bottom).",
+        ))
+    return figures
+
+
+def analyze_knee(
+    image_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    seg_path: str | os.PathLike[str] | None = None,
+    lesions_path: str | os.PathLike[str] | None = None,
+    segmenter: Segmenter | None = None,
+    series: str | None = None,
+    echo: float | None = None,
+    allow_resample: bool = False,
+    meshes: bool = True,
+    command: str | None = None,
+) -> AnalysisResult:
+    """Segment (or take a segmentation), measure, mesh, render and report one knee.
+
+    Parameters
+    ----------
+    image_path : path-like
+        The knee image: DICOM folder, NIfTI, NRRD or MHA, any orientation.
+    out_dir : path-like
+        Folder to create (see the module docstring for its contents). An existing folder is
+        replaced only when empty or a previous analysis.
+    seg_path : path-like, optional
+        Knee label map (project knee schema) on the image's grid. When None, ``segmenter``
+        (or :func:`default_knee_segmenter`) makes it.
+    lesions_path : path-like, optional
+        Bone marrow lesion mask (1 = lesion) on the image's grid.
+    segmenter : callable, optional
+        ``f(image: Volume) -> LabelVolume`` (knee schema, image grid); ignored with
+        ``seg_path``.
+    series, echo, allow_resample
+        Choosing one image from a DICOM folder (see :func:`mskmri.io.read`).
+    meshes : bool
+        Write meshes and 3-D views (``False`` skips both).
+    command : str, optional
+        The command line, recorded in the manifest and the report.
+
+    Returns
+    -------
+    AnalysisResult
+
+    Raises
+    ------
+    MskMriError
+        Bad input (2-D image, no geometry, labels outside the knee schema, a label map on
+        another grid, no segmentation available); nothing is written.
+    """
+    from mskmri import __version__
+    from mskmri.io import atomic_path, atomic_write_json, read, write
+    from mskmri.measure.base import describe_input, measurements_document, write_measurements
+    from mskmri.measure.knee import measure_knee_with_warnings
+    from mskmri.report.figures import ReportFigure, write_png
+    from mskmri.report.html import ReportSection, ReportTable, write_report
+
+    out = Path(out_dir)
+    _check_out_dir(out)
+    timer = _Timer()
+    with timer.step("read", f"reading {image_path}"):
+        image = read(image_path, series=series, echo=echo, allow_resample=allow_resample)
+        image.require_3d("knee analysis")
+        image.require_geometry("knee analysis (volumes in mL, thickness in mm)")
+        seg: LabelVolume | None = None
+        if seg_path is not None:
+            seg = _read_segmentation(seg_path, image)
+        lesions = _read_lesions(lesions_path, image) if lesions_path is not None else None
+    if seg is None:
+        seg_fn = segmenter if segmenter is not None else default_knee_segmenter()
+        with timer.step("segment", "segmenting the knee"):
+            seg = _segment(image, seg_fn)
+        seg_source = getattr(seg_fn, "__qualname__", repr(seg_fn))
+    else:
+        seg_source = str(seg_path)
+    if not seg.labels:
+        from mskmri.labels import KNEE
+
+        seg.labels = dict(KNEE)
+
+    with timer.step("measure", "measuring"):
+        ms, warnings = measure_knee_with_warnings(seg, image=image, lesions=lesions)
+        info = describe_input(seg, SEGMENTATION_FILE)
+        info.update(anatomy="knee", image=str(image_path), segmentation_source=seg_source,
+                    lesions=str(lesions_path) if lesions_path is not None else None)
+
+    mesh_list: list[Any] = []
+    sections: list[ReportSection] = []
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        if meshes:
+            from mskmri.report.mesh import mesh_summary, structure_meshes, write_meshes
+            from mskmri.report.views import render_knee_views
+
+            with timer.step("meshes", "building surface meshes"):
+                mesh_list = structure_meshes(seg)
+                write_meshes(mesh_list, tmp / MESHES_DIR)
+            with timer.step("views", "rendering 3-D views"):
+                per_view, combined, views = render_knee_views(seg)
+                (tmp / VIEWS_DIR).mkdir()
+                for name, png in per_view.items():
+                    write_png(tmp / VIEWS_DIR / f"{name}.png", png)
+                if not any(v.name == "lateral" for v in views):
+                    warnings.append("knee side unknown (no fibula in the label map): the 3-D "
+                                    "side views are named right/left, not lateral/medial")
+            rows = [[r["structure"].replace("_", " "), r["faces"], r["volume_ml"],
+                     r["area_mm2"]] for r in mesh_summary(mesh_list)]
+            sections.append(ReportSection(
+                id="surfaces", title="3-D reconstruction",
+                paragraphs=[
+                    "Surfaces of the segmented structures (marching cubes on each label, light "
+                    "Taubin smoothing). Muscle and the infrapatellar fat pad are left out of "
+                    "the views so that the joint can be seen; joint effusion is translucent.",
+                    f"The files in {MESHES_DIR}/ (STL and PLY, one per structure) are in LPS "
+                    "millimetres, the convention 3D Slicer assumes for mesh files (each file "
+                    "also says SPACE=LPS in its header): loaded together with the image, they "
+                    "overlay on it without a transform.",
+                ],
+                figures=[ReportFigure(
+                    title="3-D views", png=combined,
+                    caption=", ".join(v.title for v in views) + " of the reconstruction "
+                            "(orthographic; patient superior is up)."),
+                ],
+                tables=[ReportTable(
+                    columns=["Structure", "Triangles", "Mesh volume (mL)", "Surface area (mm²)"],
+                    rows=rows, title="Meshes", numeric_columns=(1, 2, 3),
+                    caption="Mesh volumes agree with the voxel volumes in the measurement "
+                            "table to within the smoothing and the voxel staircase.",
+                )],
+            ))
+        document = measurements_document(ms, input_info=info, tool_version=__version__,
+                                         warnings=warnings)
+        with timer.step("write", "writing segmentation and measurements"):
+            write(seg, tmp / SEGMENTATION_FILE)
+            if lesions is not None:
+                write(lesions, tmp / LESIONS_FILE)
+            write_measurements(tmp / MEASUREMENTS_FILE, document)
+        with timer.step("report", "drawing overlays and writing the report"):
+            figures = _overlay_figures(image, seg, lesions)
+            options = {"seg": str(seg_path) if seg_path is not None else None,
+                       "lesions": str(lesions_path) if lesions_path is not None else None,
+                       "meshes": meshes}
+            write_report(
+                tmp / REPORT_FILE,
+                title="mskmri knee analysis",
+                subtitle=f"{image.meta.get('source', image_path)}",
+                image=image, segmentation=seg, measurements=document["measurements"],
+                figures=figures, warnings=warnings, sections=sections,
+                provenance={"command": command or f"analyze_knee({str(image_path)!r})",
+                            "segmentation": seg_source, **options},
+            )
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        timings = {**timer.timings, "total": timer.total()}
+        manifest = {
+            "schema": MANIFEST_SCHEMA,
+            "kind": MANIFEST_KIND,
+            "command": command,
+            "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "inputs": {"image": str(image_path), **options},
+            "segmentation_source": seg_source,
+            "versions": _versions(),
+            "platform": platform.platform(terse=True),
+            "timings_s": timings,
+            "outputs": {name: _file_record(tmp / name) for name in files},
+        }
+        atomic_write_json(tmp / MANIFEST_FILE, manifest)
+    log.info("analysis written to %s in %.1f s; open %s", out, timings["total"],
+             out / REPORT_FILE)
+    if warnings:
+        log.warning("%d warning(s); see %s", len(warnings), out / MEASUREMENTS_FILE)
+    return AnalysisResult(out_dir=out, files=[*files, MANIFEST_FILE], measurements=document,
+                          warnings=list(warnings), timings_s=timings)
+
+
+#: anatomy -> analysis function (the CLI reads its choices from here).
+ANALYSES: dict[str, Callable[..., AnalysisResult]] = {"knee": analyze_knee}
+
+__all__ = [
+    "ANALYSES",
+    "KNEE_SEGMENTER",
+    "AnalysisResult",
+    "Segmenter",
+    "analyze_knee",
+    "default_knee_segmenter",
+]
