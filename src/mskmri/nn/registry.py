@@ -46,6 +46,7 @@ ARCHITECTURES: dict[str, str] = {
     "unet": "mskmri.nn.unet:UNet",
     "unet-encoder": "mskmri.nn.unet:UNetEncoder",
     "ffc-inpainter": "mskmri.nn.ffc:FFCInpainter",
+    "pretrain-net": "mskmri.pretrain.model:PretrainNet",
 }
 
 
@@ -439,6 +440,34 @@ class TrainTask:
 #: ``mskmri train`` subcommand -> task. Issues that add a trainable model register it here
 #: (knee-seg, spine-seg, inpaint, mkd, mae, pretrain); the parser reads this table.
 TRAIN_TASKS: dict[str, TrainTask] = {}
+
+TRAIN_TASKS["pretrain"] = TrainTask(
+    name="pretrain",
+    help="self-supervised pretraining of the U-Net encoder by distortion restoration "
+         "(unlabelled images; writes encoder weights for --init)",
+    entry="mskmri.pretrain.task:run",
+    options=(
+        TrainOption(("--images",), {"nargs": "+", "required": True, "metavar": "PATH",
+                                    "help": "unlabelled image files or folders (labels unused; "
+                                            "*_gt*, *label*, *seg* files in folders skipped)"}),
+        TrainOption(("--dims",), {"type": int, "choices": [2, 3], "help": "2: slices (volumes "
+                                  "are cut, 2-D images mix in; default), 3: volumes only"}),
+        TrainOption(("--spacing-mm",), {"type": float, "help": "resample to this in-plane "
+                                        "(2-D) / isotropic (3-D) spacing, mm; 0 keeps each "
+                                        "grid (default 1.0)"}),
+        TrainOption(("--patch",), {"type": int, "help": "crop edge, voxels (96 in 2-D, 64 "
+                                   "in 3-D)"}),
+        TrainOption(("--features",), {"type": int, "nargs": "+", "help": "U-Net channels per "
+                                      "level; must match the network fine-tuned later "
+                                      "(default 16 32 64 128)"}),
+        TrainOption(("--unknown-geometry",), {"choices": ["error", "native"],
+                                              "help": "images without spacing: stop (default) "
+                                                      "or use them at their pixel grid"}),
+        TrainOption(("--name",), {"help": "model name in the card (pretrain-encoder)"}),
+    ),
+    defaults={"steps": 5000, "batch_size": 8, "lr": 1e-3, "schedule": "cosine",
+              "checkpoint_every": 250, "seed": 0},
+)
 
 TRAIN_TASKS["spine-seg"] = TrainTask(
     name="spine-seg",
