@@ -347,8 +347,17 @@ def analyze_knee(
     if seg is None:
         seg_fn = segmenter if segmenter is not None else default_knee_segmenter()
         with timer.step("segment", "segmenting the knee"):
-            seg = _segment(image, seg_fn)
-        seg_source = getattr(seg_fn, "__qualname__", repr(seg_fn))
+            try:
+                seg = _segment(image, seg_fn)
+            except ModelError as exc:
+                if segmenter is not None:
+                    raise
+                raise ModelError(
+                    f"{exc}; the knee model is not available in this installation: segment "
+                    "the image elsewhere and pass the label map with --seg SEG (knee schema, "
+                    "on the image's grid)"
+                ) from exc
+        seg_source = f"{getattr(seg_fn, '__module__', '')}.{getattr(seg_fn, '__qualname__', seg_fn)}"
     else:
         seg_source = str(seg_path)
     if not seg.labels:
@@ -358,6 +367,8 @@ def analyze_knee(
 
     with timer.step("measure", "measuring"):
         ms, warnings = measure_knee_with_warnings(seg, image=image, lesions=lesions)
+        # a segmenter reports doubts about its input (no knee found, odd contrast) here
+        warnings = [*(str(w) for w in seg.meta.get("warnings") or ()), *warnings]
         info = describe_input(seg, SEGMENTATION_FILE)
         info.update(anatomy="knee", image=str(image_path), segmentation_source=seg_source,
                     lesions=str(lesions_path) if lesions_path is not None else None)

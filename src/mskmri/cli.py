@@ -377,6 +377,28 @@ def _run_synth(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ============================================================================ analyze knee
+def _run_analyze_knee(args: argparse.Namespace) -> int:
+    """``mskmri analyze knee IMAGE --out DIR [--seg SEG] [--lesions MASK]``."""
+    import shlex
+
+    from mskmri.analyze import analyze_knee
+
+    parts = ["mskmri", "analyze", "knee", str(args.image), "--out", str(args.out)]
+    for flag, value in (("--seg", args.seg), ("--lesions", getattr(args, "lesions", None))):
+        if value:
+            parts += [flag, str(value)]
+    command = " ".join(shlex.quote(p) for p in parts)
+    res = analyze_knee(
+        args.image, args.out, seg_path=args.seg, lesions_path=getattr(args, "lesions", None),
+        series=getattr(args, "series", None), echo=getattr(args, "echo", None),
+        allow_resample=getattr(args, "allow_resample", False),
+        meshes=not getattr(args, "no_meshes", False), command=command,
+    )
+    log.info("wrote %d files to %s", len(res.files), res.out_dir)
+    return EXIT_OK
+
+
 # ============================================================================ segment / analyze
 # One `segment` and one `analyze` command; each anatomy adds its runner to the tables below
 # (spine here; the knee slot is for the knee pipeline: add "knee": _run_segment_knee / ...).
@@ -422,6 +444,7 @@ _SEGMENT_RUNNERS: dict[str, Callable[[argparse.Namespace], int]] = {
 #: anatomy -> runner of ``mskmri analyze ANATOMY IMAGE --out DIR``.
 _ANALYZE_RUNNERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "spine": _run_analyze_spine,
+    "knee": _run_analyze_knee,
 }
 
 
@@ -452,6 +475,9 @@ def _add_analyze(sub: Any) -> None:
                    "atomically; an empty folder or a previous analysis is replaced)")
     p.add_argument("--seg", metavar="SEG", help="use this label map (on IMAGE's grid) instead "
                    "of segmenting")
+    p.add_argument("--lesions", metavar="MASK", help="knee: bone marrow lesion mask on "
+                   "IMAGE's grid (1 = lesion), measured per bone")
+    p.add_argument("--no-meshes", action="store_true", help="knee: skip meshes and 3-D views")
     p.add_argument("--model", default=None, help="segmentation model name or *.safetensors")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.set_defaults(run=_run_analyze)
