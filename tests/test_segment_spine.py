@@ -1,0 +1,194 @@
+"""Spine segmentation: post-processing and level naming on synthetic masks (known answers),
+geometry of the output for any storage orientation, bad input, and the shipped model on a real
+held-out exam."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mskmri.cli import main
+from mskmri.errors import GeometryError, ModelError
+from mskmri.labels import ORDINAL_VERTEBRA_START, VERTEBRA_ID
+from mskmri.segment import _spine_data as sd
+from mskmri.segment import spine as sp
+from mskmri.volume import LabelVolume, Volume
+from mskmri.weights import MODELS
+
+# ----------------------------------------------------------------------------- phantoms
+#: Phantom in RAS+ storage, 1 mm: x = L-R (20), y = A-P (60), z = S-I (170).
+SHAPE = (20, 60, 170)
+BODY_H, DISC_H = 20, 8
+
+
+def _body_rows(n: int, top: int = 160) -> list[tuple[int, int]]:
+    """(z0, z1) of n bodies from the top down (z grows superiorly)."""
+    rows = []
+    z1 = top
+    for _ in range(n):
+        rows.append((z1 - BODY_H, z1))
+        z1 -= BODY_H + DISC_H
+    return rows
+
+
+def class_phantom(n_bodies: int = 5, sacrum_gap: int | None = DISC_H) -> LabelVolume:
+    """Network classes: ``n_bodies`` boxes (1) and, ``sacrum_gap`` mm below the lowest, a
+    sacrum box (2)."""
+    arr = np.zeros(SHAPE, np.uint8)
+    rows = _body_rows(n_bodies)
+    for z0, z1 in rows:
+        arr[5:15, 15:45, z0:z1] = sp.NET_BODY
+    if sacrum_gap is not None:
+        top = rows[-1][0] - sacrum_gap
+        arr[5:15, 15:50, max(top - 25, 0):top] = sp.NET_SACRUM
+    return LabelVolume(arr, np.eye(4), schema="custom")
+
+
+def test_levels_from_sacrum_known_answer() -> None:
+    labels, source, warnings = sp.assign_levels(class_phantom(5))
+    assert source == sp.LEVEL_SOURCE_ANATOMY
+    assert not any("ordinal" in w for w in warnings)
+    # the lowest body is L5, then L4 ... L1 upwards; sacrum 26
+    for (z0, z1), name in zip(_body_rows(5), ["L1", "L2", "L3", "L4", "L5"], strict=True):
+        vals = np.unique(labels.array[5:15, 15:45, z0:z1])
+        assert vals.tolist() == [VERTEBRA_ID[name]], name
+    assert sp.SACRUM_ID in labels.present_values()
+    assert labels.labels[VERTEBRA_ID["L3"]] == "L3"
+
+
+def test_three_bodies_above_sacrum_are_l3_to_l5() -> None:
+    labels, source, _ = sp.assign_levels(class_phantom(3))
+    assert source == sp.LEVEL_SOURCE_ANATOMY
+    ids = [v for v in labels.present_values() if v != sp.SACRUM_ID]
+    assert ids == [VERTEBRA_ID["L3"], VERTEBRA_ID["L4"], VERTEBRA_ID["L5"]]
+
+
+def test_no_sacrum_gives_ordinal_ids_and_says_so() -> None:
+    labels, source, warnings = sp.assign_levels(class_phantom(4, sacrum_gap=None))
+    assert source == sp.LEVEL_SOURCE_ORDINAL
+    assert labels.present_values() == [ORDINAL_VERTEBRA_START + i for i in range(4)]
+    # numbered from the top: the highest body is 1000
+    top_z0, top_z1 = _body_rows(4)[0]
+    assert np.all(labels.array[5:15, 15:45, top_z0:top_z1] == ORDINAL_VERTEBRA_START)
+    assert any("no sacrum was found" in w and "ordinal" in w for w in warnings)
+
+
+def test_far_sacrum_is_not_trusted() -> None:
+    _, source, warnings = sp.assign_levels(class_phantom(4, sacrum_gap=45))
+    assert source == sp.LEVEL_SOURCE_ORDINAL
+    assert any("not just below the lowest body" in w for w in warnings)
+
+
+def test_no_body_is_a_clear_error() -> None:
+    empty = LabelVolume(np.zeros(SHAPE, np.uint8), np.eye(4), schema="custom")
+    with pytest.raises(sp.SegmentationError, match="no vertebral body"):
+        sp.assign_levels(empty)
+
+
+# ----------------------------------------------------------------------------- geometry
+def _random_storage(rng: np.random.Generator, vol: Volume) -> Volume:
+    """The same volume stored with a random axis permutation and flips (1 mm isotropic)."""
+    codes = [rng.choice(pair) for pair in (("R", "L"), ("A", "P"), ("S", "I"))]
+    perm = rng.permutation(3)
+    return vol.reorient("".join(str(codes[i]) for i in perm))
+
+
+def test_axial_only_data_is_refused() -> None:
+    # axial slices: 0.5 x 0.5 mm in-plane (x, y), 4 mm along S-I
+    aff = np.diag([0.5, 0.5, 4.0, 1.0])
+    with pytest.raises(GeometryError, match="sagittal"):
+        sd.slice_axis(Volume(np.zeros((64, 64, 12), np.float32), aff))
+
+
+def test_sagittal_thick_slices_accepted_in_any_storage(rng: np.random.Generator) -> None:
+    aff = np.diag([4.0, 0.6, 0.6, 1.0])
+    vol = Volume(np.zeros((12, 40, 50), np.float32), aff)
+    for _ in range(4):
+        stored = _random_storage(rng, vol)
+        ax = sd.slice_axis(stored)
+        assert stored.spacing[ax] == pytest.approx(4.0)
+        can = sd.to_canonical(stored)
+        assert can.orientation == sd.CANONICAL_CODES
+        assert can.spacing == pytest.approx((4.0, 1.0, 1.0))
+
+
+def test_segment_writes_labels_on_the_input_grid(rng: np.random.Generator, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plumbing with a stand-in network: bright boxes are 'bodies'; the output must land on
+    the input's exact grid for a random storage orientation."""
+    truth = class_phantom(5)
+    image = Volume((truth.array > 0).astype(np.float32) * 100 + 10, truth.affine)
+    stored = _random_storage(rng, image)
+
+    def fake_predict(model: object, canonical: np.ndarray, **_: object) -> np.ndarray:
+        return np.where(canonical > 0.5, sp.NET_BODY, 0).astype(np.uint8)
+
+    monkeypatch.setattr(sp, "predict_canonical", fake_predict)
+    monkeypatch.setattr("mskmri.nn.registry.load_model",
+                        lambda *a, **k: (None, type("C", (), {"name": "fake", "sha256": ""})()))
+    res = sp.segment_spine(stored)
+    assert res.labels.shape == stored.shape
+    np.testing.assert_allclose(res.labels.affine, stored.affine)
+    # no sacrum class from the stand-in: ordinal ids, top body 1000, in the right voxels
+    assert res.ordinal
+    back = res.labels.reorient("RAS")
+    truth_bodies = truth.array > 0
+    assert set(np.unique(back.array[truth_bodies]).tolist()) == set(range(1000, 1006))
+    assert not back.array[~truth_bodies].any()
+
+
+def test_missing_weights_name_the_train_command(monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path: Path) -> None:
+    from mskmri.weights import ModelEntry
+
+    monkeypatch.setitem(MODELS, "spine-seg-missing",
+                        ModelEntry("does-not-exist.safetensors", "spine-seg", "test"))
+    image = Volume(np.random.default_rng(1).random((20, 40, 40)).astype(np.float32),
+                   np.diag([3.0, 1.0, 1.0, 1.0]))
+    with pytest.raises(ModelError, match="mskmri train spine-seg"):
+        sp.segment_spine(image, model="spine-seg-missing")
+
+
+def test_cli_bad_input_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mskmri.io import write
+
+    axial = tmp_path / "axial.nii.gz"
+    write(Volume(np.random.default_rng(0).random((32, 32, 8)).astype(np.float32),
+                 np.diag([0.5, 0.5, 4.0, 1.0])), axial)
+    assert main(["segment", "spine", str(axial), str(tmp_path / "seg.nii.gz")]) == 2
+    err = capsys.readouterr().err
+    assert "sagittal" in err and err.count("\n") == 1
+    assert not (tmp_path / "seg.nii.gz").exists()
+    assert main(["segment", "spine", str(tmp_path / "nope.nii.gz"),
+                 str(tmp_path / "seg.nii.gz")]) == 2
+
+
+# ----------------------------------------------------------------------------- real data
+@pytest.mark.skipif("spine-seg" not in MODELS, reason="spine-seg weights not shipped yet")
+def test_shipped_model_on_held_out_exam(shared_data: Path, tmp_path: Path,
+                                        rng: np.random.Generator) -> None:
+    """The shipped model on a held-out MyoSegmenTUM exam stored in another orientation:
+    output on the input grid, bodies found with Dice >= 0.85 in the labelled band."""
+    from mskmri.io import read, read_labels, write
+
+    img_p, gt_p = sd.exam_paths(shared_data, "myosegmentum", sd.SPLIT["test"]["myosegmentum"][0])
+    image, gt = read(img_p), read_labels(gt_p, strict=False)
+    stored = image.reorient("PSL")  # not the storage of the training data
+    src = tmp_path / "img.nii.gz"
+    write(stored, src)
+    out = tmp_path / "seg.nii.gz"
+    assert main(["-q", "segment", "spine", str(src), str(out)]) == 0
+    seg = read_labels(out, strict=False)
+    assert seg.shape == stored.shape
+    np.testing.assert_allclose(seg.affine, stored.affine, atol=1e-4)
+    side = json.loads(out.with_name("seg.json").read_text())
+    assert side["segmentation"]["model"] == "spine-seg"
+    assert isinstance(side["segmentation"]["ordinal_levels"], bool)
+    back = seg.resample_to(gt)
+    band = sd.label_band(sd.to_canonical(gt).array)
+    can_pred = sd.to_canonical(back).array[:, band] > 0
+    can_gt = sd.to_canonical(gt).array[:, band] > 0
+    assert sd.binary_dice(can_pred, can_gt) >= 0.85
