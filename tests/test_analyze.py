@@ -1,0 +1,210 @@
+"""`mskmri analyze knee` end to end on the synthetic phantom, and its bad-input contract."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from mskmri.analyze import analyze_knee
+from mskmri.cli import main
+from mskmri.io import read, read_labels, write
+from mskmri.labels import KNEE, KNEE_ID
+from mskmri.volume import LabelVolume, Volume
+
+pytest.importorskip("trimesh")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A rendered phantom knee stored as LPI (not RAS) with its truth labels and lesions."""
+    from mskmri.synth.phantom import phantom_knee
+    from mskmri.synth.render import render
+
+    labels, lesions = phantom_knee(seed=3)
+    synth = render(labels, contrast="dess", seed=3, lesions=lesions)
+    folder = tmp_path_factory.mktemp("inputs")
+    paths = {"image": folder / "image.nii.gz", "seg": folder / "seg.nii.gz",
+             "lesions": folder / "lesions.nii.gz"}
+    write(synth.image.reorient("LPI"), paths["image"])
+    write(synth.labels.reorient("LPI"), paths["seg"])
+    write(synth.lesions.reorient("LPI"), paths["lesions"])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def analysis(inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("analysis") / "knee"
+    rc = main(["analyze", "knee", str(inputs["image"]), "--out", str(out), "--seg",
+               str(inputs["seg"]), "--lesions", str(inputs["lesions"])])
+    assert rc == 0
+    return out
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_outputs_exist_and_nothing_else_is_left(analysis):
+    names = {p.name for p in analysis.iterdir()}
+    assert names == {"segmentation.nii.gz", "segmentation.json", "lesions.nii.gz",
+                     "lesions.json", "measurements.json", "meshes", "views", "report.html",
+                     "manifest.json"}
+    assert [p.name for p in analysis.parent.iterdir()] == ["knee"]  # no temporary folder
+    assert {p.name for p in (analysis / "views").iterdir()} == {
+        "anterior.png", "lateral.png", "medial.png"}
+    meshes = {p.name for p in (analysis / "meshes").iterdir()}
+    for name in ("femur", "tibia", "femoral_cartilage", "joint_effusion", "muscle"):
+        assert {f"{name}.stl", f"{name}.ply"} <= meshes
+    man = _json(analysis / "manifest.json")
+    assert man["kind"] == "analysis" and man["schema"] == "mskmri/manifest/1"
+    assert "views/lateral.png" in man["outputs"] and "meshes/femur.stl" in man["outputs"]
+
+
+def test_segmentation_is_written_in_the_input_geometry(analysis, inputs):
+    image = read(inputs["image"])
+    seg = read_labels(analysis / "segmentation.nii.gz", schema="knee")
+    truth = read_labels(inputs["seg"], schema="knee")
+    assert "".join(seg.orientation) == "LPI"
+    assert seg.same_geometry(image) and np.array_equal(seg.array, truth.array)
+    assert _json(analysis / "segmentation.json")["labels"]["1"] == "femur"
+
+
+def test_measurements(analysis, inputs):
+    doc = _json(analysis / "measurements.json")
+    assert doc["schema"] == "mskmri/measurements/1" and doc["warnings"] == []
+    by = {".".join(p for p in (m["name"], m.get("structure")) if p): m
+          for m in doc["measurements"]}
+    truth = read_labels(inputs["seg"], schema="knee")
+    vox_ml = truth.voxel_volume_mm3 / 1000
+    for name in ("joint_effusion", "muscle", "medial_meniscus", "lateral_meniscus"):
+        n = np.count_nonzero(truth.array == KNEE_ID[name])
+        assert by[f"volume.{name}"]["value"] == pytest.approx(n * vox_ml, rel=1e-6)
+        assert by[f"volume.{name}"]["unit"] == "mL"
+    for plate in ("femoral_cartilage", "medial_tibial_cartilage", "lateral_tibial_cartilage",
+                  "patellar_cartilage"):
+        mean = by[f"thickness_mean.{plate}"]
+        assert mean["unit"] == "mm" and 0.5 < mean["value"] < 5.0  # phantom plates: 1-3 mm
+        assert by[f"thickness_max.{plate}"]["value"] >= mean["value"]
+    assert by["lesion_volume.femur"]["value"] > 0 and by["lesion_count.femur"]["value"] >= 1
+
+
+def test_meshes_overlay_the_segmentation_in_lps(analysis, inputs):
+    import trimesh
+
+    truth = read_labels(inputs["seg"], schema="knee")
+    femur_world = truth.voxel_to_world(np.argwhere(truth.array == KNEE_ID["femur"]))
+    mesh = trimesh.load(analysis / "meshes" / "femur.stl", force="mesh")
+    ras = np.asarray(mesh.vertices) * np.array([-1.0, -1.0, 1.0])  # file is LPS
+    assert np.allclose(ras.min(axis=0), femur_world.min(axis=0), atol=2.0)
+    assert np.allclose(ras.max(axis=0), femur_world.max(axis=0), atol=2.0)
+    assert mesh.volume > 0  # outward normals
+    n = np.count_nonzero(truth.array == KNEE_ID["femur"])
+    assert mesh.volume / 1000 == pytest.approx(n * truth.voxel_volume_mm3 / 1000, rel=0.03)
+
+
+def test_report_has_overlays_views_and_units(analysis):
+    html = (analysis / "report.html").read_text(encoding="utf-8")
+    assert html.count("data:image/png;base64,") >= 4  # overlays, compartments, lesions, 3-D
+    assert "3-D reconstruction" in html and "SPACE=LPS" in html
+    assert 'data-key="thickness_mean.femoral_cartilage"' in html
+    assert 'data-key="volume.joint_effusion"' in html
+    assert "Research use only" in html
+
+
+# --------------------------------------------------------------------------- bad input
+def _exit_2(capsys, argv, out: Path, *needles: str) -> str:
+    rc = main(["-q", *argv])  # -q: only the error line on stderr
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert not out.exists() and not any(out.parent.glob(f".{out.name}*"))
+    assert err.count("\n") == 1 and "Traceback" not in err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def test_no_seg_and_no_model_says_how_to_pass_seg(inputs, tmp_path, capsys, monkeypatch):
+    import mskmri.analyze as analyze
+
+    # whatever the installed state of the knee model, a missing model reads the same
+    monkeypatch.setattr(analyze, "KNEE_SEGMENTER", "mskmri.segment.no_such_module:segment")
+    out = tmp_path / "o"
+    _exit_2(capsys, ["analyze", "knee", str(inputs["image"]), "--out", str(out)], out,
+            "not available", "--seg")
+
+
+def test_non_knee_label_map_exits_2(inputs, tmp_path, capsys):
+    seg = read_labels(inputs["seg"], schema="knee")
+    bad = seg.array.astype(np.int16)
+    bad[bad == KNEE_ID["muscle"]] = 201  # a spine value
+    write(LabelVolume(bad, seg.affine, {}, schema="custom"), tmp_path / "bad.nii.gz")
+    out = tmp_path / "o"
+    _exit_2(capsys, ["analyze", "knee", str(inputs["image"]), "--out", str(out), "--seg",
+                     str(tmp_path / "bad.nii.gz")], out, "[201]", "knee schema")
+
+
+def test_two_d_image_exits_2(tmp_path, capsys):
+    img = nib.Nifti1Image(np.random.default_rng(0).random((64, 64)).astype(np.float32),
+                          np.diag([0.5, 0.5, 3.0, 1.0]))
+    nib.save(img, tmp_path / "slice.nii.gz")
+    out = tmp_path / "o"
+    _exit_2(capsys, ["analyze", "knee", str(tmp_path / "slice.nii.gz"), "--out", str(out),
+                     "--seg", str(tmp_path / "slice.nii.gz")], out, "2-D")
+
+
+def test_label_map_on_another_grid_exits_2(inputs, tmp_path, capsys):
+    seg = read_labels(inputs["seg"], schema="knee")
+    write(seg.reorient("RAS"), tmp_path / "ras.nii.gz")  # same voxels, another storage
+    out = tmp_path / "o"
+    _exit_2(capsys, ["analyze", "knee", str(inputs["image"]), "--out", str(out), "--seg",
+                     str(tmp_path / "ras.nii.gz")], out, "not on the image's grid")
+    les = read_labels(inputs["lesions"], schema="lesion")
+    write(les.crop([slice(0, 40), slice(None), slice(None)]), tmp_path / "les.nii.gz")
+    _exit_2(capsys, ["analyze", "knee", str(inputs["image"]), "--out", str(out), "--seg",
+                     str(inputs["seg"]), "--lesions", str(tmp_path / "les.nii.gz")], out,
+            "lesion mask")
+
+
+def test_missing_femur_and_tibia_warns_in_json_and_report(inputs, tmp_path):
+    seg = read_labels(inputs["seg"], schema="knee")
+    a = seg.array.copy()
+    a[np.isin(a, [KNEE_ID["femur"], KNEE_ID["tibia"]])] = 0
+    write(seg.with_array(a), tmp_path / "nobones.nii.gz")
+    res = analyze_knee(inputs["image"], tmp_path / "o", seg_path=tmp_path / "nobones.nii.gz",
+                       meshes=False)
+    doc = _json(tmp_path / "o" / "measurements.json")
+    assert any("no femur" in w for w in doc["warnings"])
+    assert any("no tibia" in w for w in doc["warnings"])
+    # plates on absent bones: no number, a reason
+    by = {(m["name"], m.get("structure")): m for m in doc["measurements"]}
+    fem = by[("thickness_mean", "femoral_cartilage")]
+    assert fem["value"] is None and "no femur" in fem["reason"]
+    html = (tmp_path / "o" / "report.html").read_text(encoding="utf-8")
+    assert "no femur in the label map" in html and 'id="warnings"' in html
+    assert res.warnings == doc["warnings"]
+    assert not (tmp_path / "o" / "meshes").exists()
+
+
+def test_a_segmenter_slots_in(inputs, tmp_path):
+    truth = read_labels(inputs["seg"], schema="knee")
+
+    def segmenter(image: Volume) -> LabelVolume:
+        out = LabelVolume(truth.array, image.affine, dict(KNEE), schema="knee",
+                          meta={"warnings": ["test segmenter: low confidence"]})
+        return out
+
+    res = analyze_knee(inputs["image"], tmp_path / "o", segmenter=segmenter, meshes=False)
+    assert res.warnings[0] == "test segmenter: low confidence"
+    seg = read_labels(tmp_path / "o" / "segmentation.nii.gz", schema="knee")
+    assert np.array_equal(seg.array, truth.array)
+    # an existing non-analysis folder is never replaced
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "mine.txt").write_text("x")
+    from mskmri.errors import MskMriError
+
+    with pytest.raises(MskMriError, match="not a previous analysis"):
+        analyze_knee(inputs["image"], tmp_path / "keep", segmenter=segmenter, meshes=False)
