@@ -482,6 +482,28 @@ TRAIN_TASKS["spine-seg"] = TrainTask(
               "checkpoint_every": 250, "seed": 0},
 )
 
+TRAIN_TASKS["knee-seg"] = TrainTask(
+    name="knee-seg",
+    help="coarse-to-fine 3-D U-Nets for the 17 knee classes, trained on renders of the real "
+         "knee label maps (mskmri.synth)",
+    entry="mskmri.segment.knee_train:run",
+    options=(
+        TrainOption(("--data",), {"metavar": "DIR", "help": "shared/data/knee folder "
+                                  "(default: the configured shared data)"}),
+        TrainOption(("--cache",), {"metavar": "DIR", "help": "render cache folder "
+                                   "(default OUT/cache; never inside the repository)"}),
+        TrainOption(("--renders",), {"type": int, "help": "distinct training renders (400)"}),
+        TrainOption(("--val-renders",), {"type": int, "help": "validation renders (6)"}),
+        TrainOption(("--stage",), {"choices": ["coarse", "fine", "both"],
+                                   "help": "which network to train (both)"}),
+        TrainOption(("--coarse-steps",), {"type": int, "help": "steps of the coarse network "
+                                          "(default steps/4)"}),
+        TrainOption(("--threads",), {"type": int, "help": "torch CPU threads"}),
+    ),
+    defaults={"steps": 20000, "batch_size": 2, "lr": 2e-3, "val_every": 500,
+              "checkpoint_every": 100, "seed": 0, "workers": 1},
+)
+
 
 def train_task(name: str) -> TrainTask:
     """The registered task ``name``; a helpful error otherwise."""

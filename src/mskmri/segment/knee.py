@@ -1,0 +1,440 @@
+"""Coarse-to-fine knee segmentation: all 17 classes of the knee schema from one MR image.
+
+Pipeline of :func:`segment_knee` (METHODS.md section 3, issue 3):
+
+1. the image is reoriented (no interpolation) to RAS, so the networks always see the same
+   axis order whatever the input's orientation;
+2. coarse: it is resampled to :data:`COARSE_SPACING_MM` (isotropic), intensities are
+   normalised (:func:`normalise_intensity`), and a small 3-D U-Net labels every class at
+   that resolution; the bounding box of its foreground, grown by
+   :data:`REGION_MARGIN_MM`, is the knee region (no foreground: a warning, and the whole
+   field of view is used);
+3. fine: only that region is resampled to :data:`FINE_SPACING_MM` (isotropic, near the
+   in-plane resolution of clinical knee sequences) and a second U-Net labels it with the
+   sliding-window inferer (:mod:`mskmri.nn.inference`), bf16 autocast by default;
+4. the fine labels are resampled (nearest neighbour) back onto the input grid; voxels
+   outside the region are background.
+
+The result is a :class:`~mskmri.volume.LabelVolume` in the input geometry (same shape and
+affine), schema ``"knee"``, with warnings (``meta["warnings"]``) when the image looks far
+from what the models were trained on. 2-D input is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from mskmri.errors import DimensionError, MskMriError
+from mskmri.labels import KNEE, KNEE_ID
+from mskmri.volume import LabelVolume, Volume
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+#: Axis codes every network input is reoriented to (no interpolation).
+CANONICAL_AXES = "RAS"
+#: Voxel spacing of the coarse model's input, mm (isotropic).
+COARSE_SPACING_MM = (2.0, 2.0, 2.0)
+#: Voxel spacing of the fine model's input, mm (isotropic).
+FINE_SPACING_MM = (0.8, 0.8, 0.8)
+#: Intensity percentiles mapped to 0 and 1 by :func:`normalise_intensity`.
+NORM_PERCENTILES = (0.5, 99.5)
+#: Every n-th voxel per axis is used to estimate the percentiles (speed).
+NORM_STRIDE = 2
+#: Normalised intensities are clipped to this range.
+NORM_CLIP = (-0.5, 2.0)
+#: Margin added around the coarse foreground's bounding box, mm.
+REGION_MARGIN_MM = 12.0
+#: Fewer coarse femur+tibia voxels than this volume (mL) means "no knee found".
+MIN_KNEE_BONE_ML = 20.0
+#: A field of view smaller than this along any axis (mm) is far outside training.
+MIN_FOV_MM = 40.0
+#: A voxel spacing coarser than this (mm) along any axis is far outside training.
+MAX_SPACING_MM = 6.0
+#: Number of output classes (background + the 17 knee classes).
+N_CLASSES = len(KNEE) + 1
+#: Names of the shipped models.
+COARSE_MODEL = "knee-seg-coarse"
+FINE_MODEL = "knee-seg-fine"
+
+
+class KneeSegmentationError(MskMriError):
+    """The knee segmenter cannot run on this input (2-D image, no geometry, bad options)."""
+
+
+# ============================================================================ preprocessing
+def normalise_intensity(array: np.ndarray, reference: np.ndarray | None = None,
+                        percentiles: Sequence[float] = NORM_PERCENTILES) -> np.ndarray:
+    """Map intensities so the low/high percentiles of ``reference`` become 0 and 1.
+
+    Parameters
+    ----------
+    array : ndarray
+        Image to normalise (any shape).
+    reference : ndarray, optional
+        Where the percentiles are taken (default ``array``); pass the coarse image when
+        normalising a fine crop so that both models see the same scale.
+    percentiles : (float, float)
+
+    Returns
+    -------
+    float32 ndarray, same shape, clipped to :data:`NORM_CLIP`.
+    """
+    ref = array if reference is None else reference
+    sample = np.asarray(ref)[(slice(None, None, NORM_STRIDE),) * np.ndim(ref)]
+    lo, hi = np.percentile(sample, percentiles)
+    scale = 1.0 / max(float(hi - lo), 1e-6)
+    out = (np.asarray(array, dtype=np.float32) - np.float32(lo)) * np.float32(scale)
+    return np.clip(out, *NORM_CLIP, out=out)
+
+
+def canonical(image: Volume) -> Volume:
+    """``image`` reoriented to :data:`CANONICAL_AXES` (axis permutation and flips only)."""
+    return image.reorient(CANONICAL_AXES)
+
+
+def grid_at_spacing(image: Volume, spacing: Sequence[float],
+                    box: Sequence[slice] | None = None) -> tuple[tuple[int, ...], np.ndarray]:
+    """A grid with ``spacing`` (mm) covering ``image`` (or the voxel ``box`` of it).
+
+    The grid keeps the direction cosines of ``image`` and the outer corner of the first
+    voxel of the covered part.
+
+    Returns
+    -------
+    shape : tuple of int
+    affine : (4, 4) ndarray
+    """
+    box = box or tuple(slice(0, n) for n in image.shape)
+    start = np.array([b.start for b in box], dtype=np.float64)
+    size = np.array([b.stop - b.start for b in box], dtype=np.float64)
+    old = np.asarray(image.spacing)
+    new = np.asarray(spacing, dtype=np.float64)
+    shape = tuple(int(v) for v in np.maximum(1, np.round(size * old / new)))
+    corner = image.voxel_to_world([start - 0.5])[0]
+    aff = np.eye(4)
+    aff[:3, :3] = image.direction * new[None, :]
+    aff[:3, 3] = corner + aff[:3, :3] @ np.full(3, 0.5)
+    return shape, aff
+
+
+@dataclass
+class KneeSegmentation:
+    """What :func:`segment_knee_detailed` returns.
+
+    Attributes
+    ----------
+    labels : LabelVolume
+        Knee-schema labels in the input geometry.
+    coarse : LabelVolume
+        Coarse labels on the coarse grid (canonical orientation).
+    region_mm : list of [float, float]
+        The fine region in canonical world coordinates (RAS mm), per axis.
+    warnings : list of str
+        Reasons to distrust the result (empty when none).
+    timings_s : dict
+        Seconds per step.
+    """
+
+    labels: LabelVolume
+    coarse: LabelVolume
+    region_mm: list[list[float]]
+    warnings: list[str] = field(default_factory=list)
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+#: Default precision of both networks (chosen by benchmarks/knee_segmentation.py: the fastest
+#: that keeps >= 99.5 % of the fp32 labels on this CPU).
+DEFAULT_PRECISION = "bf16"
+#: Default backend ("torch" or "onnx").
+DEFAULT_BACKEND = "torch"
+#: Window overlap of the sliding-window inferer (fraction of the patch).
+WINDOW_OVERLAP = 0.25
+#: Windows per forward pass.
+WINDOW_BATCH = 1
+#: Patch sizes used when a model comes without a card (a bare nn.Module, e.g. in tests).
+DEFAULT_COARSE_PATCH = (64, 80, 80)
+DEFAULT_FINE_PATCH = (64, 64, 64)
+
+
+@dataclass
+class _Stage:
+    """One network with what it needs to run: spacing (mm) and patch (voxels)."""
+
+    model: nn.Module
+    spacing_mm: tuple[float, float, float]
+    patch: tuple[int, int, int]
+    name: str
+
+
+def _load_stage(model: str | nn.Module, default_spacing: Sequence[float],
+                default_patch: Sequence[int], device: str) -> _Stage:
+    if isinstance(model, str):
+        from mskmri.nn.registry import load_model
+
+        net, card = load_model(model, device=device)
+        if card.label_schema != "knee" or len(card.labels) != N_CLASSES:
+            raise KneeSegmentationError(
+                f"model {model!r} is not a knee segmenter (schema {card.label_schema!r}, "
+                f"{len(card.labels)} classes); give a knee-seg model")
+        spacing = tuple(card.input_spacing_mm or default_spacing)
+        patch = tuple(card.extra.get("patch_size", default_patch))
+        return _Stage(net, spacing, patch, card.name)  # type: ignore[arg-type]
+    return _Stage(model, tuple(default_spacing), tuple(default_patch),  # type: ignore[arg-type]
+                  type(model).__name__)
+
+
+class KneeSegmenter:
+    """The two networks of the coarse-to-fine knee segmenter, ready to run.
+
+    Parameters
+    ----------
+    coarse, fine : str or nn.Module
+        Registered model names / ``*.safetensors`` paths (with cards), or networks (then
+        :data:`COARSE_SPACING_MM`/:data:`FINE_SPACING_MM` and the default patches apply).
+    precision : {"fp32", "bf16"}
+        Autocast of the torch backend.
+    backend : {"torch", "onnx"}
+    device : str
+    overlap : float
+        Sliding-window overlap.
+    """
+
+    def __init__(self, coarse: str | nn.Module = COARSE_MODEL, fine: str | nn.Module = FINE_MODEL,
+                 *, precision: str = DEFAULT_PRECISION, backend: str = DEFAULT_BACKEND,
+                 device: str = "cpu", overlap: float = WINDOW_OVERLAP) -> None:
+        from mskmri.nn.inference import SlidingWindowConfig, SlidingWindowInferer
+
+        if backend == "onnx":
+            precision = "fp32"
+        self.coarse = _load_stage(coarse, COARSE_SPACING_MM, DEFAULT_COARSE_PATCH, device)
+        self.fine = _load_stage(fine, FINE_SPACING_MM, DEFAULT_FINE_PATCH, device)
+        self.precision, self.backend = precision, backend
+        self._inferers = {
+            name: SlidingWindowInferer(
+                st.model, SlidingWindowConfig(st.patch, overlap=overlap, batch_size=WINDOW_BATCH,
+                                              precision=precision, backend=backend),
+                device=device)
+            for name, st in (("coarse", self.coarse), ("fine", self.fine))}
+
+    def close(self) -> None:
+        """Free the inferers' buffers (and temporary ONNX exports)."""
+        for inf in self._inferers.values():
+            inf.close()
+
+    def __call__(self, image: Volume) -> KneeSegmentation:
+        return self.run(image)
+
+    def run(self, image: Volume) -> KneeSegmentation:
+        """Segment ``image``; see :func:`segment_knee`."""
+        t0 = time.perf_counter()
+        _check_input(image)
+        warnings = _input_warnings(image)
+        can = canonical(image)
+        timings: dict[str, float] = {}
+        # ---------------------------------------------------------------- coarse
+        cshape, caff = grid_at_spacing(can, self.coarse.spacing_mm)
+        carr = can.resample_to_grid(cshape, caff, order=1).array.astype(np.float32)
+        if not np.isfinite(carr).all() or float(carr.max() - carr.min()) <= 0:
+            raise KneeSegmentationError("the image is constant or holds NaN/inf values; give a "
+                                        "real MR image")
+        cx = normalise_intensity(carr)
+        t1 = time.perf_counter()
+        clab = self._inferers["coarse"].labels(cx)
+        timings["coarse_s"] = time.perf_counter() - t1
+        coarse = LabelVolume(clab, caff, {0: "background", **KNEE}, schema="knee")
+        # ---------------------------------------------------------------- region
+        box, why = _region_from_coarse(clab, self.coarse.spacing_mm, can, caff)
+        if why:
+            warnings.append(why)
+        # ---------------------------------------------------------------- fine
+        t2 = time.perf_counter()
+        fshape, faff = grid_at_spacing(can, self.fine.spacing_mm, box)
+        farr = can.resample_to_grid(fshape, faff, order=1).array.astype(np.float32)
+        fx = normalise_intensity(farr, reference=carr)
+        timings["fine_resample_s"] = time.perf_counter() - t2
+        t3 = time.perf_counter()
+        flab = self._inferers["fine"].labels(fx)
+        timings["fine_s"] = time.perf_counter() - t3
+        # ---------------------------------------------------------------- back to the input
+        t4 = time.perf_counter()
+        fine = LabelVolume(flab, faff, dict(KNEE), schema="knee")
+        out = fine.resample_to_grid(image.shape, image.affine, order=0, cval=0)
+        timings["to_input_s"] = time.perf_counter() - t4
+        timings["total_s"] = time.perf_counter() - t0
+        lo = can.voxel_to_world([[b.start - 0.5 for b in box]])[0]
+        hi = can.voxel_to_world([[b.stop - 0.5 for b in box]])[0]
+        region_mm = [[float(min(a, b)), float(max(a, b))] for a, b in zip(lo, hi, strict=True)]
+        for w in warnings:
+            log.warning("knee segmentation: %s", w)
+        meta = {"source": image.meta.get("source"), "models": {
+            "coarse": self.coarse.name, "fine": self.fine.name},
+            "precision": self.precision, "backend": self.backend,
+            "region_mm": region_mm, "warnings": list(warnings),
+            "timings_s": {k: round(v, 3) for k, v in timings.items()}}
+        labels = LabelVolume(out.array.astype(np.uint8), image.affine, dict(KNEE), schema="knee",
+                             meta=meta)
+        return KneeSegmentation(labels, coarse, region_mm, warnings, timings_s=timings)
+
+
+def _check_input(image: Volume) -> None:
+    if not isinstance(image, Volume):
+        raise KneeSegmentationError(f"segment_knee needs a Volume, not {type(image).__name__}")
+    if isinstance(image, LabelVolume):
+        raise KneeSegmentationError("the input is a label map, not an MR image; give the image")
+    try:
+        image.require_3d("knee segmentation")
+    except DimensionError as exc:
+        raise KneeSegmentationError(str(exc)) from exc
+    if min(image.shape) < 2:
+        raise KneeSegmentationError(f"image of shape {image.shape} is not a 3-D volume")
+    image.require_geometry("knee segmentation (the networks work in mm)")
+
+
+def _input_warnings(image: Volume) -> list[str]:
+    """Reasons (strings) why ``image`` is far outside the trained field of view."""
+    out = []
+    fov = np.asarray(image.shape) * np.asarray(image.spacing)
+    if float(fov.min()) < MIN_FOV_MM:
+        out.append(f"field of view {np.round(fov, 1).tolist()} mm is smaller than "
+                   f"{MIN_FOV_MM} mm along an axis: far outside the trained knee field of view")
+    if max(image.spacing) > MAX_SPACING_MM:
+        out.append(f"voxel spacing {np.round(image.spacing, 2).tolist()} mm is coarser than "
+                   f"{MAX_SPACING_MM} mm: far outside the trained resolutions")
+    return out
+
+
+def _region_from_coarse(clab: np.ndarray, cspacing: Sequence[float], can: Volume,
+                        caff: np.ndarray) -> tuple[tuple[slice, slice, slice], str | None]:
+    """Voxel box of ``can`` around the largest coarse foreground component (+ margin).
+
+    Returns the box and a warning (None when a knee was found).
+    """
+    from scipy import ndimage
+
+    vox_ml = float(np.prod(cspacing)) / 1000.0
+    bones = np.isin(clab, (KNEE_ID["femur"], KNEE_ID["tibia"]))
+    why = None
+    full = tuple(slice(0, n) for n in can.shape)
+    if bones.sum() * vox_ml < MIN_KNEE_BONE_ML:
+        why = (f"no knee found: the coarse model sees {bones.sum() * vox_ml:.1f} mL of femur + "
+               f"tibia (< {MIN_KNEE_BONE_ML} mL); the image is far outside the trained field "
+               "of view or contrast, do not trust these labels")
+    fg = clab > 0
+    if not fg.any():
+        return full, why  # type: ignore[return-value]
+    comp, n = ndimage.label(fg)
+    if n > 1:
+        sizes = np.bincount(comp.ravel())
+        sizes[0] = 0
+        fg = comp == int(sizes.argmax())
+    idx = np.nonzero(fg)
+    lo_c = np.array([i.min() for i in idx], dtype=float) - 0.5
+    hi_c = np.array([i.max() for i in idx], dtype=float) + 0.5
+    cvox_to_can = np.linalg.inv(can.affine) @ caff
+    corners = np.array([[a, b, c] for a in (lo_c[0], hi_c[0]) for b in (lo_c[1], hi_c[1])
+                        for c in (lo_c[2], hi_c[2])])
+    pts = corners @ cvox_to_can[:3, :3].T + cvox_to_can[:3, 3]
+    margin = REGION_MARGIN_MM / np.asarray(can.spacing)
+    lo = np.floor(pts.min(0) + 0.5 - margin).astype(int)
+    hi = np.ceil(pts.max(0) + 0.5 + margin).astype(int)
+    box = tuple(slice(int(max(a, 0)), int(min(b, n))) for a, b, n in zip(lo, hi, can.shape,
+                                                                          strict=True))
+    if any(b.stop <= b.start for b in box):
+        return full, why  # type: ignore[return-value]
+    return box, why  # type: ignore[return-value]
+
+
+def segment_knee(image: Volume, *, coarse: str | nn.Module = COARSE_MODEL,
+                 fine: str | nn.Module = FINE_MODEL, precision: str = DEFAULT_PRECISION,
+                 backend: str = DEFAULT_BACKEND, device: str = "cpu") -> LabelVolume:
+    """Segment the 17 knee classes of a 3-D MR image of any contrast and orientation.
+
+    Parameters
+    ----------
+    image : Volume
+        3-D MR image with known geometry (any orientation, spacing and contrast).
+    coarse, fine : str or nn.Module
+        The networks (default: the shipped ``knee-seg-coarse`` and ``knee-seg-fine``).
+    precision : {"fp32", "bf16"}
+        Autocast of the torch backend (default :data:`DEFAULT_PRECISION`).
+    backend : {"torch", "onnx"}
+    device : str
+
+    Returns
+    -------
+    LabelVolume
+        uint8 knee-schema labels (:data:`mskmri.labels.KNEE`) in the geometry of ``image``
+        (same shape and affine). ``meta`` records the models, the fine region (RAS mm), the
+        timings and ``warnings`` (e.g. no knee found by the coarse model).
+
+    Raises
+    ------
+    KneeSegmentationError
+        2-D input, a label map, unknown geometry, a constant image.
+    """
+    seg = KneeSegmenter(coarse, fine, precision=precision, backend=backend, device=device)
+    try:
+        return seg.run(image).labels
+    finally:
+        seg.close()
+
+
+def _models_of(model: str | None) -> tuple[str, str]:
+    """(coarse, fine) model names/paths from the CLI's ``--model``.
+
+    None or ``"knee-seg"``: the shipped pair; a folder: its ``knee-seg-coarse.safetensors``
+    and ``knee-seg-fine.safetensors`` (a ``mskmri train knee-seg`` output folder).
+    """
+    from pathlib import Path
+
+    if model is None or model == "knee-seg":
+        return COARSE_MODEL, FINE_MODEL
+    folder = Path(model)
+    if folder.is_dir():
+        c, f = folder / f"{COARSE_MODEL}.safetensors", folder / f"{FINE_MODEL}.safetensors"
+        if not (c.is_file() and f.is_file()):
+            raise KneeSegmentationError(
+                f"{folder} lacks {c.name} and/or {f.name}; give the output folder of "
+                "`mskmri train knee-seg` or leave --model out for the shipped models")
+        return str(c), str(f)
+    raise KneeSegmentationError(f"--model {model!r} for the knee must be 'knee-seg' (the shipped "
+                                "coarse+fine pair) or a folder holding knee-seg-coarse and "
+                                "knee-seg-fine .safetensors files")
+
+
+def segment_knee_file(image_path: str | os.PathLike[str], out_path: str | os.PathLike[str], *,
+                      model: str | None = None, device: str = "cpu",
+                      precision: str = DEFAULT_PRECISION,
+                      backend: str = DEFAULT_BACKEND) -> LabelVolume:
+    """Read an image (file or DICOM folder), segment it and write the label map atomically.
+
+    The sidecar (``OUT`` with ``.json``) holds the label names plus a ``"segmentation"``
+    record: models, precision, region (RAS mm), timings and warnings.
+
+    Returns
+    -------
+    LabelVolume
+        The written labels (input geometry).
+    """
+    from mskmri.io import atomic_write_json, read, sidecar_path, write
+
+    image = read(image_path)
+    coarse, fine = _models_of(model)
+    labels = segment_knee(image, coarse=coarse, fine=fine, precision=precision,
+                          backend=backend, device=device)
+    write(labels, out_path)
+    side = labels.sidecar()
+    side["segmentation"] = {"image": str(image_path), **{k: v for k, v in labels.meta.items()
+                                                         if k != "source"}}
+    atomic_write_json(sidecar_path(out_path), side)
+    return labels

@@ -1,0 +1,283 @@
+"""Coarse-to-fine knee segmenter: data pipeline, geometry of the stitching, CLI, DDP training.
+
+Known-answer tests use a "threshold network" (class 1 where the normalised input is bright),
+so the whole chain coarse -> region -> fine -> input grid can be checked voxel by voxel on an
+image of any orientation without trained weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from mskmri.labels import KNEE  # noqa: E402
+from mskmri.segment import knee as K  # noqa: E402
+from mskmri.segment import knee_train as KT  # noqa: E402
+from mskmri.volume import LabelVolume, Volume  # noqa: E402
+
+#: Fake sources for a cache that never renders (entries are written by the test).
+FAKE_SOURCES = ["/nonexistent/akoa_1_00m.nii.gz", "/nonexistent/akoa_1_12m.nii.gz"]
+
+
+class ThresholdNet(torch.nn.Module):
+    """Logits: class 1 (femur) where the input > 0.5, background elsewhere, others never."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Any) -> Any:
+        b = x.shape[0]
+        out = torch.full((b, K.N_CLASSES, *x.shape[2:]), -10.0, dtype=x.dtype, device=x.device)
+        out[:, 0] = 0.5 - x[:, 0]
+        out[:, 1] = x[:, 0] - 0.5
+        return out + self.dummy
+
+
+def _oblique_affine(spacing: tuple[float, float, float]) -> np.ndarray:
+    """An LPI-like permuted/flipped affine (no RAS axis order), with an origin offset."""
+    aff = np.zeros((4, 4))
+    aff[0, 2] = -spacing[2]   # axis 2 -> L
+    aff[1, 0] = -spacing[0]   # axis 0 -> P
+    aff[2, 1] = spacing[1]    # axis 1 -> S
+    aff[:3, 3] = (30.0, -12.0, 7.5)
+    aff[3, 3] = 1.0
+    return aff
+
+
+def _cube_image(shape: tuple[int, int, int], spacing: tuple[float, float, float],
+                side_mm: float = 44.0) -> tuple[Volume, np.ndarray]:
+    """Dark noisy volume with a bright cube of ``side_mm`` at the centre; (image, cube mask)."""
+    rng = np.random.default_rng(3)
+    arr = rng.normal(100.0, 5.0, shape).astype(np.float32)
+    half = [side_mm / 2 / s for s in spacing]
+    c = [n / 2 for n in shape]
+    sl = tuple(slice(int(round(ci - h)), int(round(ci + h))) for ci, h in zip(c, half, strict=True))
+    mask = np.zeros(shape, bool)
+    mask[sl] = True
+    arr[mask] = 1000.0
+    return Volume(arr, _oblique_affine(spacing)), mask
+
+
+# ============================================================================ data pipeline
+def test_render_spec_is_a_pure_function_of_seed_split_and_index() -> None:
+    a = [KT.render_spec(FAKE_SOURCES, i, 0, "train") for i in range(12)]
+    b = [KT.render_spec(FAKE_SOURCES, i, 0, "train") for i in range(12)]
+    assert a == b
+    assert a != [KT.render_spec(FAKE_SOURCES, i, 1, "train") for i in range(12)]
+    assert a[0] != KT.render_spec(FAKE_SOURCES, 0, 0, "val")
+    assert [s.source for s in a[:4]] == FAKE_SOURCES * 2
+    # with the 46 training maps: the first 46 renders use every contrast, and over 6 x 46
+    # renders every map is rendered in every contrast
+    names = [f"m{i}" for i in range(46)]
+    specs = [KT.render_spec(names, i, 0, "train") for i in range(6 * 46)]
+    assert {s.contrast for s in specs[:46]} == set(KT.CONTRASTS)
+    for m in names:
+        assert {s.contrast for s in specs if s.source == m} == set(KT.CONTRASTS)
+    assert all(s.effusion_ml >= 0 and s.inplane in KT.INPLANE_CHOICES for s in a)
+
+
+def _fake_arrays(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    lab = np.zeros((20, 24, 22), np.uint8)
+    lab[5:15, 6:18, 4:18] = 1
+    lab[8:12, 10:14, 8:12] = 5
+    img = (lab * 300.0 + rng.normal(100, 10, lab.shape)).astype(np.float32)
+    return {"coarse_image": img[::2, ::2, ::2].copy(), "coarse_labels": lab[::2, ::2, ::2].copy(),
+            "fine_image": img, "fine_labels": lab}
+
+
+def _fake_cache(folder: Path, n: int = 3) -> Any:
+    cache = KT.RenderCache(folder, FAKE_SOURCES, 0, "train")
+    for i in range(n):
+        cache.put(i, _fake_arrays(i))
+    return cache
+
+
+def test_cache_round_trip_and_datasets_are_deterministic(tmp_path: Path) -> None:
+    cache = _fake_cache(tmp_path)
+    got = cache.get(1)
+    want = _fake_arrays(1)
+    np.testing.assert_array_equal(got["fine_labels"], want["fine_labels"])
+    np.testing.assert_allclose(got["fine_image"], want["fine_image"], rtol=1e-3)  # float16
+    fine = KT.FineDataset(cache, 3, patch=(8, 8, 8))
+    x1, y1 = fine.sample(2, np.random.default_rng(5))
+    x2, y2 = fine.sample(2, np.random.default_rng(5))
+    x3, _ = fine.sample(2, np.random.default_rng(6))
+    assert x1.shape == (1, 8, 8, 8) and y1.shape == (8, 8, 8) and y1.dtype == torch.int64
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not torch.equal(x1, x3)
+    coarse = KT.CoarseDataset(cache, 3, patch=(16, 16, 16))
+    xc, yc = coarse.sample(0, np.random.default_rng(1))
+    assert xc.shape == (1, 16, 16, 16)
+    # padding keeps every labelled voxel of the (smaller) coarse volume
+    assert int((yc > 0).sum()) == int((want["coarse_labels"] > 0).sum())
+
+
+def test_cache_entry_of_another_spec_is_not_reused(tmp_path: Path, monkeypatch: Any) -> None:
+    _fake_cache(tmp_path, 1)
+    other = KT.RenderCache(tmp_path, FAKE_SOURCES, 99, "train")  # other seed -> other spec
+    calls: list[Any] = []
+    monkeypatch.setattr(KT, "make_render", lambda spec, **kw: calls.append(spec) or
+                        _fake_arrays(7))
+    other.get(0)
+    assert len(calls) == 1 and calls[0] == other.spec(0)
+
+
+def test_dice_ce_loss_is_low_for_a_perfect_prediction_and_high_otherwise() -> None:
+    target = torch.zeros((1, 6, 6, 6), dtype=torch.int64)
+    target[0, 2:4, 2:4, 2:4] = 3
+    perfect = torch.nn.functional.one_hot(target, 5).movedim(-1, 1).float() * 40.0
+    wrong = torch.roll(perfect, 1, dims=1)
+    assert float(KT.dice_ce_loss(perfect, target)) < 1e-3
+    assert float(KT.dice_ce_loss(wrong, target)) > 1.0
+
+
+def test_subject_split_keeps_time_points_together(shared_data: Path) -> None:
+    from mskmri.synth.sources import subject_of
+
+    split = KT.subject_split(shared_data / "knee")
+    train = {subject_of(p) for p in split["train"]}
+    val = {subject_of(p) for p in split["val"]}
+    assert not train & val and val
+    assert any("pymskt" in p for p in split["train"]) and any("spl" in p for p in split["train"])
+
+
+# ============================================================================ geometry
+def test_stitching_returns_the_input_geometry_for_an_oblique_anisotropic_image() -> None:
+    image, mask = _cube_image((36, 40, 30), (1.6, 1.3, 2.4))
+    assert image.orientation != ("R", "A", "S")
+    seg = K.KneeSegmenter(ThresholdNet(), ThresholdNet(), precision="fp32")
+    res = seg.run(image)
+    lab = res.labels
+    assert isinstance(lab, LabelVolume) and lab.schema == "knee"
+    assert lab.shape == image.shape and np.allclose(lab.affine, image.affine)
+    assert lab.array.dtype == np.uint8 and set(np.unique(lab.array)) <= {0, 1}
+    pred = lab.array == 1
+    dice = 2 * (pred & mask).sum() / (pred.sum() + mask.sum())
+    assert dice > 0.95, dice
+    assert res.warnings == []
+    # the fine region contains the cube and is smaller than the whole field of view
+    lo = image.voxel_to_world(np.argwhere(mask)).min(0)
+    hi = image.voxel_to_world(np.argwhere(mask)).max(0)
+    for (a, b), cl, ch in zip(res.region_mm, lo, hi, strict=True):
+        assert a <= cl and b >= ch
+    assert lab.meta["timings_s"]["total_s"] > 0
+
+
+def test_no_knee_found_is_a_warning_in_the_output_meta() -> None:
+    image, _ = _cube_image((30, 30, 30), (1.5, 1.5, 1.5), side_mm=6.0)  # 0.2 mL bright cube
+    seg = K.KneeSegmenter(ThresholdNet(), ThresholdNet(), precision="fp32")
+    res = seg.run(image)
+    assert any("no knee found" in w for w in res.warnings)
+    assert res.labels.meta["warnings"] == res.warnings
+
+
+def test_two_d_and_label_inputs_are_refused() -> None:
+    flat = Volume(np.ones((1, 64, 64), np.float32), np.eye(4))
+    with pytest.raises(K.KneeSegmentationError, match="2-D"):
+        K.segment_knee(flat, coarse=ThresholdNet(), fine=ThresholdNet())
+    lab = LabelVolume(np.ones((8, 8, 8), np.uint8), np.eye(4), {1: "femur"})
+    with pytest.raises(K.KneeSegmentationError, match="label map"):
+        K.segment_knee(lab, coarse=ThresholdNet(), fine=ThresholdNet())
+
+
+def test_normalise_intensity_maps_percentiles_to_0_and_1() -> None:
+    arr = np.random.default_rng(0).uniform(0, 1000, (40, 40, 40)).astype(np.float32)
+    out = K.normalise_intensity(arr)
+    assert abs(float(np.percentile(out, 50)) - 0.5) < 0.01
+    assert abs(float(np.percentile(out, 0.5))) < 0.01
+    assert abs(float(np.percentile(out, 99.5)) - 1.0) < 0.01
+    assert out.min() >= K.NORM_CLIP[0] and out.max() <= K.NORM_CLIP[1]
+
+
+# ============================================================================ CLI
+def _shipped() -> bool:
+    from mskmri.weights import MODELS
+
+    return all(n in MODELS and MODELS[n].path.is_file() for n in (K.COARSE_MODEL, K.FINE_MODEL))
+
+
+@pytest.mark.skipif(not _shipped(), reason="knee-seg weights are not shipped in this checkout")
+def test_cli_segments_the_phantom_with_the_shipped_weights(tmp_path: Path) -> None:
+    from mskmri.cli import main
+    from mskmri.io import read_labels, write
+    from mskmri.synth.phantom import phantom_knee
+    from mskmri.synth.render import RenderOptions, render
+
+    truth, _ = phantom_knee(seed=1)
+    img = render(truth, contrast="dess", seed=1, options=RenderOptions(deform=False)).image
+    src = tmp_path / "phantom.nii.gz"
+    write(img.reorient("LPS"), src)
+    out = tmp_path / "seg.nii.gz"
+    assert main(["segment", "knee", str(src), str(out)]) == 0
+    lab = read_labels(out, schema="knee", labels=KNEE)
+    assert lab.shape == img.reorient("LPS").shape
+    assert set(lab.present_values()) <= set(KNEE)
+    side = json.loads(out.with_name("seg.json").read_text())
+    assert side["label_schema"] == "knee" and "segmentation" in side
+    assert side["segmentation"]["models"] == {"coarse": K.COARSE_MODEL, "fine": K.FINE_MODEL}
+
+
+def test_cli_bad_input_exits_2(tmp_path: Path, capsys: Any) -> None:
+    from mskmri.cli import main
+    from mskmri.io import write
+
+    assert main(["segment", "knee", str(tmp_path / "missing.nii.gz"),
+                 str(tmp_path / "o.nii.gz")]) == 2
+    flat = tmp_path / "flat.nii.gz"
+    write(Volume(np.ones((1, 32, 32), np.float32), np.eye(4)), flat)
+    assert main(["segment", "knee", str(flat), str(tmp_path / "o.nii.gz"),
+                 "--model", str(tmp_path)]) == 2
+    assert not (tmp_path / "o.nii.gz").exists()
+    err = capsys.readouterr().err
+    assert err.count("mskmri: error") >= 2
+
+
+# ============================================================================ DDP
+def _ddp_worker(folder: Path, out: Path) -> None:
+    import torch.distributed as dist
+
+    from mskmri.nn.train import TrainConfig, fit, seed_everything
+    from mskmri.nn.unet import UNet, UNetConfig
+
+    cache = KT.RenderCache(folder, FAKE_SOURCES, 0, "train")
+    seed_everything(0)
+    net = UNet(UNetConfig(out_channels=K.N_CLASSES, features=(2, 4), strides=(1, 2)))
+    cfg = TrainConfig(out=out, steps=2, batch_size=1, lr=1e-2, seed=0, device="cpu",
+                      log_every=1, checkpoint_every=2)
+    res = fit(net, KT._objective, KT.FineDataset(cache, 3, patch=(8, 8, 8)), cfg)
+    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(
+        {"world": res.runtime.world_size, "step": res.step,
+         "w": float(sum(p.sum() for p in res.model.parameters()))}))
+    dist.destroy_process_group()
+
+
+@pytest.mark.torch
+def test_two_gloo_processes_train_the_fine_objective(tmp_path: Path) -> None:
+    _fake_cache(tmp_path / "cache")
+    out = tmp_path / "ddp"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MSKMRI_NO_PROGRESS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+           "--nproc_per_node=2", __file__, str(tmp_path / "cache"), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = json.loads((out / "rank0.json").read_text())
+    r1 = json.loads((out / "rank1.json").read_text())
+    assert r0["world"] == r1["world"] == 2 and r0["step"] == 2
+    assert r0["w"] == pytest.approx(r1["w"], rel=1e-6)  # ranks stay in sync
+    assert "on cpu x2" in (out / "train.log").read_text()
+
+
+if __name__ == "__main__":
+    _ddp_worker(Path(sys.argv[1]), Path(sys.argv[2]))
