@@ -330,8 +330,8 @@ def analyze_knee(
     from mskmri.io import atomic_path, atomic_write_json, read, write
     from mskmri.measure.base import describe_input, measurements_document, write_measurements
     from mskmri.measure.knee import measure_knee_with_warnings
-    from mskmri.report.figures import ReportFigure, write_png
-    from mskmri.report.html import ReportSection, ReportTable, write_report
+    from mskmri.report.figures import write_png
+    from mskmri.report.html import ReportSection, write_report
 
     out = Path(out_dir)
     _check_out_dir(out)
@@ -378,45 +378,26 @@ def analyze_knee(
     with atomic_path(out) as tmp:
         tmp.mkdir()
         if meshes:
-            from mskmri.report.mesh import mesh_summary, structure_meshes, write_meshes
-            from mskmri.report.views import render_knee_views
+            from mskmri.report.mesh import structure_meshes, write_meshes
+            from mskmri.report.views import (
+                HIDDEN_STRUCTURES,
+                display_factors,
+                render_knee_views,
+                surfaces_section,
+            )
 
             with timer.step("meshes", "building surface meshes"):
                 mesh_list = structure_meshes(seg)
                 write_meshes(mesh_list, tmp / MESHES_DIR)
             with timer.step("views", "rendering 3-D views"):
-                per_view, combined, views = render_knee_views(seg)
+                # at display resolution already: reuse the meshes instead of building lighter ones
+                shown = ([m for m in mesh_list if m.name not in HIDDEN_STRUCTURES]
+                         if max(display_factors(seg)) == 1 else None)
+                per_view, combined, views = render_knee_views(seg, meshes=shown)
                 (tmp / VIEWS_DIR).mkdir()
                 for name, png in per_view.items():
                     write_png(tmp / VIEWS_DIR / f"{name}.png", png)
-                if not any(v.name == "lateral" for v in views):
-                    warnings.append("knee side unknown (no fibula in the label map): the 3-D "
-                                    "side views are named right/left, not lateral/medial")
-            rows = [[r["structure"].replace("_", " "), r["faces"], r["volume_ml"],
-                     r["area_mm2"]] for r in mesh_summary(mesh_list)]
-            sections.append(ReportSection(
-                id="surfaces", title="3-D reconstruction",
-                paragraphs=[
-                    "Surfaces of the segmented structures (marching cubes on each label, light "
-                    "Taubin smoothing). Muscle and the infrapatellar fat pad are left out of "
-                    "the views so that the joint can be seen; joint effusion is translucent.",
-                    f"The files in {MESHES_DIR}/ (STL and PLY, one per structure) are in LPS "
-                    "millimetres, the convention 3D Slicer assumes for mesh files (each file "
-                    "also says SPACE=LPS in its header): loaded together with the image, they "
-                    "overlay on it without a transform.",
-                ],
-                figures=[ReportFigure(
-                    title="3-D views", png=combined,
-                    caption=", ".join(v.title for v in views) + " of the reconstruction "
-                            "(orthographic; patient superior is up)."),
-                ],
-                tables=[ReportTable(
-                    columns=["Structure", "Triangles", "Mesh volume (mL)", "Surface area (mm²)"],
-                    rows=rows, title="Meshes", numeric_columns=(1, 2, 3),
-                    caption="Mesh volumes agree with the voxel volumes in the measurement "
-                            "table to within the smoothing and the voxel staircase.",
-                )],
-            ))
+            sections.append(surfaces_section(combined, views, mesh_list, mesh_dir=MESHES_DIR))
         document = measurements_document(ms, input_info=info, tool_version=__version__,
                                          warnings=warnings)
         with timer.step("write", "writing segmentation and measurements"):

@@ -45,6 +45,8 @@ from mskmri.volume import LabelVolume
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
+    from mskmri.report.html import ReportSection
+
 log = logging.getLogger(__name__)
 
 #: Structures left out of the views by default: they wrap the joint and hide it.
@@ -124,6 +126,12 @@ def knee_views(side: str | None) -> list[View]:
     return views
 
 
+def display_factors(seg: LabelVolume) -> tuple[int, int, int]:
+    """Block-averaging factor per array axis that brings voxels to ~:data:`DISPLAY_VOXEL_MM`."""
+    f = [max(1, int(round(DISPLAY_VOXEL_MM / s))) for s in seg.spacing]
+    return (f[0], f[1], f[2])
+
+
 def display_meshes(
     seg: LabelVolume, *, hidden: Sequence[str] = HIDDEN_STRUCTURES
 ) -> list[StructureMesh]:
@@ -136,7 +144,7 @@ def display_meshes(
     hidden : sequence of str
         Structures not meshed.
     """
-    factors = [max(1, int(round(DISPLAY_VOXEL_MM / s))) for s in seg.spacing]
+    factors = display_factors(seg)
     names = [n for v, n in sorted(seg.labels.items()) if v != 0 and n not in set(hidden)]
     return structure_meshes(seg, structures=names, downsample=factors,
                             smoothing_iterations=DISPLAY_SMOOTHING_ITERATIONS)
@@ -283,12 +291,72 @@ def render_knee_views(
     return per_view, combined, views
 
 
+def surfaces_section(
+    combined: bytes,
+    views: Sequence[View],
+    meshes: Sequence[StructureMesh] = (),
+    *,
+    mesh_dir: str | None = None,
+) -> ReportSection:
+    """The report section of the 3-D reconstruction.
+
+    Parameters
+    ----------
+    combined : bytes
+        PNG from :func:`views_figure` / :func:`render_knee_views`.
+    views : sequence of View
+        The cameras drawn (for the caption).
+    meshes : sequence of StructureMesh
+        Full-resolution meshes for the table of mesh volumes and areas (none: no table).
+    mesh_dir : str, optional
+        Folder name the mesh files were written to (adds a paragraph on using them).
+    """
+    from mskmri.report.figures import ReportFigure
+    from mskmri.report.html import ReportSection, ReportTable
+
+    hidden = ", ".join(display_name(n) for n in HIDDEN_STRUCTURES)
+    paragraphs = [
+        "Surfaces of the segmented structures (marching cubes on each label, light Taubin "
+        f"smoothing). Left out of the views so that the joint can be seen: {hidden}; "
+        "joint effusion is drawn translucent.",
+    ]
+    if mesh_dir:
+        paragraphs.append(
+            f"The files in {mesh_dir}/ (STL and PLY, one per structure) hold LPS millimetres, "
+            "the convention 3D Slicer assumes for mesh files (each file also says SPACE=LPS "
+            "in its header): loaded together with the image, they overlay on it without a "
+            "transform."
+        )
+    tables = []
+    if meshes:
+        tables.append(ReportTable(
+            columns=["Structure", "Triangles", "Mesh volume (mL)", "Surface area (mm²)"],
+            rows=[[display_name(m.name), f"{len(m.faces):,}", m.volume_ml, m.area_mm2]
+                  for m in meshes],
+            title="Meshes", numeric_columns=(1, 2, 3),
+            caption="Mesh volumes agree with the voxel volumes of the measurement table to "
+                    "within the voxel staircase and the smoothing (a few per cent; more for "
+                    "thin structures).",
+        ))
+    return ReportSection(
+        id="surfaces", title="3-D reconstruction", paragraphs=paragraphs,
+        figures=[ReportFigure(
+            title="3-D views", png=combined,
+            caption=", ".join(v.title for v in views) + " of the reconstruction "
+                    "(orthographic projection; patient superior is up).",
+        )],
+        tables=tables,
+    )
+
+
 __all__ = [
     "HIDDEN_STRUCTURES",
     "View",
+    "display_factors",
     "display_meshes",
     "knee_side",
     "knee_views",
     "render_knee_views",
+    "surfaces_section",
     "views_figure",
 ]
