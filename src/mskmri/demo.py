@@ -5,7 +5,8 @@
 1. build a phantom knee label map and bone marrow lesion mask (:func:`mskmri.synth.phantom_knee`);
 2. render an MR image from it (:func:`mskmri.synth.render`, DESS or IW fat-suppressed);
 3. measure it (:func:`mskmri.measure.knee.measure_knee_with_warnings`);
-4. draw slice overlays and write the report (:mod:`mskmri.report`).
+4. draw slice overlays and 3-D views of the truth labels (:mod:`mskmri.report.views`) and
+   write the report (:mod:`mskmri.report`).
 
 Everything goes into a temporary folder beside ``DIR`` that is renamed to ``DIR`` only when
 complete, so a failure leaves neither ``DIR`` nor the temporary folder behind. ``DIR`` then holds:
@@ -15,7 +16,7 @@ complete, so a failure leaves neither ``DIR`` nor the temporary folder behind. `
 ``labels.nii.gz``   its truth label map, knee schema (+ ``labels.json`` sidecar)
 ``lesions.nii.gz``  the lesion mask, 1 = bone marrow lesion (+ ``lesions.json``)
 ``measurements.json``  ``mskmri/measurements/1``: volumes per structure, lesions per bone
-``report.html``     self-contained report: slice overlays, measurement table, provenance
+``report.html``     self-contained report: slice overlays, 3-D views, measurements, provenance
 ``manifest.json``   ``mskmri/manifest/1``: versions, options, seed, synthesis
                     parameters, timings, and the size and SHA-256 of every output
 ==================  ============================================================
@@ -74,6 +75,9 @@ OVERVIEW_STRUCTURES: tuple[str, ...] = (
     "medial_meniscus",
     "lateral_meniscus",
 )
+
+#: Voxel size (mm) the 3-D views are meshed at: coarse, to keep the demo fast.
+VIEW_VOXEL_MM = 2.5
 
 #: Distributions whose versions go into the manifest.
 _VERSIONED = ("numpy", "scipy", "nibabel", "scikit-image", "connected-components-3d",
@@ -282,6 +286,12 @@ def run_demo(
                     caption="Slices through the centre of the largest inserted lesion: the "
                             "image (top) and the lesion mask outlined in magenta (bottom).",
                 ))
+        with timer.step("views", "rendering 3-D views of the label map"):
+            from mskmri.report.views import display_meshes, render_knee_views, surfaces_section
+
+            _, views_png, views = render_knee_views(
+                labels, meshes=display_meshes(labels, voxel_mm=VIEW_VOXEL_MM))
+            sections = [surfaces_section(views_png, views)]
         options = {"seed": seed, "contrast": contrast}
         with timer.step("report", "writing the report"):
             write_report(
@@ -294,6 +304,7 @@ def run_demo(
                 measurements=document["measurements"],
                 figures=figures,
                 warnings=warnings,
+                sections=sections,
                 provenance={"command": command, **options,
                             "inputs": "none (phantom built from the seed)"},
             )

@@ -66,6 +66,10 @@ DEFAULT_SMOOTHING_ITERATIONS: Final = 10
 #: File formats written by :func:`write_meshes`.
 MESH_FORMATS: tuple[str, ...] = ("stl", "ply")
 
+#: Down-sampled display meshes: a structure whose block-averaged mask keeps less than this
+#: fraction of its volume (a thin plate breaking up) is meshed at full resolution instead.
+MIN_DOWNSAMPLED_FRACTION: Final = 0.85
+
 #: Structures with fewer voxels than this get no mesh (too small to be a surface).
 MIN_VOXELS: Final = 8
 
@@ -133,7 +137,9 @@ def _mask_surface(
 
     With ``downsample`` > 1 the mask is first block-averaged (each output cell is the
     fraction of its ``f0 x f1 x f2`` voxels inside), and the 0.5 iso-surface of that fraction
-    is taken: a coarser but still closed, consistently wound surface (for display).
+    is taken: a coarser but still closed, consistently wound surface (for display). Thin
+    structures that would break up (:data:`MIN_DOWNSAMPLED_FRACTION`) get halved factors,
+    down to full resolution.
     """
     from skimage.measure import block_reduce, marching_cubes
 
@@ -143,13 +149,16 @@ def _mask_surface(
     hi = idx.max(axis=0) + 1
     crop = mask[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))]
     field = crop.astype(np.float32)
-    if np.any(f > 1):
+    n_inside = max(int(crop.sum()), 1)
+    while np.any(f > 1):
         reduced = block_reduce(field, block_size=tuple(int(v) for v in f), func=np.mean,
                                cval=0.0)
-        if reduced.max() > ISO_LEVEL:
+        kept = np.count_nonzero(reduced > ISO_LEVEL) * int(np.prod(f)) / n_inside
+        if kept >= MIN_DOWNSAMPLED_FRACTION:
             field = reduced
-        else:  # thinner than a block everywhere: it would vanish, so keep full resolution
-            f = np.ones(3, dtype=int)
+            break
+        # thinner than a block in places, it would break up: try half the factor
+        f = np.maximum(f // 2, 1)
     # one cell of background all round, so every surface is closed (also at the array edge)
     padded = np.pad(field, 1)
     verts, faces, _, _ = marching_cubes(padded, level=ISO_LEVEL, allow_degenerate=False)

@@ -126,14 +126,19 @@ def knee_views(side: str | None) -> list[View]:
     return views
 
 
-def display_factors(seg: LabelVolume) -> tuple[int, int, int]:
-    """Block-averaging factor per array axis that brings voxels to ~:data:`DISPLAY_VOXEL_MM`."""
-    f = [max(1, int(round(DISPLAY_VOXEL_MM / s))) for s in seg.spacing]
+def display_factors(
+    seg: LabelVolume, voxel_mm: float = DISPLAY_VOXEL_MM
+) -> tuple[int, int, int]:
+    """Block-averaging factor per array axis that brings voxels to about ``voxel_mm``."""
+    f = [max(1, int(round(voxel_mm / s))) for s in seg.spacing]
     return (f[0], f[1], f[2])
 
 
 def display_meshes(
-    seg: LabelVolume, *, hidden: Sequence[str] = HIDDEN_STRUCTURES
+    seg: LabelVolume,
+    *,
+    hidden: Sequence[str] = HIDDEN_STRUCTURES,
+    voxel_mm: float = DISPLAY_VOXEL_MM,
 ) -> list[StructureMesh]:
     """Light meshes for the views: label map block-averaged to ~:data:`DISPLAY_VOXEL_MM`.
 
@@ -143,8 +148,10 @@ def display_meshes(
         (I, J, K) knee label map with known geometry.
     hidden : sequence of str
         Structures not meshed.
+    voxel_mm : float
+        Target voxel size (mm) of the block-averaged map (larger: fewer triangles, faster).
     """
-    factors = display_factors(seg)
+    factors = display_factors(seg, voxel_mm)
     names = [n for v, n in sorted(seg.labels.items()) if v != 0 and n not in set(hidden)]
     return structure_meshes(seg, structures=names, downsample=factors,
                             smoothing_iterations=DISPLAY_SMOOTHING_ITERATIONS)
