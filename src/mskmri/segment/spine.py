@@ -8,14 +8,16 @@ Pipeline
 2. Reorient to the canonical grid (R, I, P), resample in-plane to 1 mm, normalise intensities
    (0.5-99.5 percentiles), run the 2-D U-Net ``spine-seg`` on every sagittal slice with the
    sliding-window inferer (:class:`mskmri.nn.inference.SlidingWindowInferer`).
-3. Post-processing (:func:`assign_levels`): the network gives "vertebral body" and "sacrum"
-   (S1 body). Bodies are split into instances by face-connected components
-   (:func:`mskmri.measure.spine.split_vertebral_bodies`, ordered top to bottom). Levels are
-   named from anatomy when the sacrum can be told: a sacrum component of at least
-   :data:`MIN_SACRUM_FRACTION` of the median body size whose top lies below the lowest body
-   and within :data:`SACRUM_MAX_GAP_MM` of that body's centroid; the lowest body is then L5
-   and the bodies above are L4, L3, ... (assumes no transitional vertebra). Otherwise bodies
-   get ordinal ids from 1000 (top first) and the output says so (warning + sidecar).
+3. Post-processing (:func:`body_instances`, :func:`assign_levels`): the network gives
+   "vertebral body" and "sacrum" (S1 body). Bodies are split into instances by a watershed
+   from seeds deeper than :data:`SEED_DEPTH_MM` inside the mask (thin false bridges across a
+   disc are cut), small fragments and regions off the column are dropped, and instances are
+   numbered from the top. Levels are named from anatomy when the sacrum can be told: a sacrum
+   component of at least :data:`MIN_SACRUM_FRACTION` of the median body size whose top lies
+   below the lowest body's centroid and within :data:`SACRUM_MAX_GAP_MM` of it; the lowest
+   body is then L5 and the bodies above are L4, L3, ... (assumes no transitional vertebra).
+   Otherwise bodies get ordinal ids from 1000 (top first) and the output says so (warning +
+   sidecar).
 4. The label map goes back to the input grid (nearest neighbour) and is written with a
    sidecar that records the model, how levels were named and every warning.
 
@@ -59,6 +61,21 @@ SACRUM_ID = 26
 SACRUM_MAX_GAP_MM = 40.0
 #: Smallest sacrum component, as a fraction of the median body size (voxels).
 MIN_SACRUM_FRACTION = 0.3
+#: Seeds of the instance split: voxels deeper than this (mm) inside the body mask; bridges
+#: thinner than twice this (across a disc) are cut.
+SEED_DEPTH_MM = 4.0
+#: Smallest seed kept (mm^3).
+MIN_SEED_MM3 = 100.0
+#: Instances smaller than this fraction of the median instance are dropped (as in
+#: :func:`mskmri.measure.spine.split_vertebral_bodies`).
+MIN_INSTANCE_FRACTION = 0.2
+#: An instance taller (S-I) than this multiple of the median height may be merged bodies.
+MERGED_BODY_RATIO = 1.6
+#: Column filter: an instance whose centroid lies farther than this (mm, in the axial plane)
+#: from the median centroid of the instances within +-:data:`COLUMN_WINDOW_MM` (S-I) is not
+#: part of the vertebral column (posterior elements, bowel, ...) and is dropped.
+COLUMN_MAX_OFFSET_MM = 25.0
+COLUMN_WINDOW_MM = 70.0
 #: Label values of the level-naming rule.
 LEVEL_SOURCE_ANATOMY = "anatomy: sacrum below the lowest lumbar body (lowest body = L5)"
 LEVEL_SOURCE_ORDINAL = "ordinal: levels could not be told, ids from 1000 numbered from the top"
@@ -134,6 +151,82 @@ def predict_canonical(model: nn.Module, image: np.ndarray, *, batch_size: int = 
 
 
 # ----------------------------------------------------------------------------- post-processing
+def body_instances(classes: LabelVolume) -> tuple[np.ndarray, list[str]]:
+    """Split the vertebral-body class into instances with ordinal ids from the top.
+
+    Seeds are the connected parts of the mask deeper than :data:`SEED_DEPTH_MM` (Euclidean
+    distance in mm, so anisotropic voxels are handled); each body voxel joins the seed it
+    reaches first by a watershed on the distance map, so bodies touched by a thin false
+    bridge across a disc are still told apart. Instances smaller than
+    :data:`MIN_INSTANCE_FRACTION` of the median and those off the column
+    (:data:`COLUMN_MAX_OFFSET_MM`) are dropped with a warning.
+
+    Parameters
+    ----------
+    classes : LabelVolume
+        Network classes (:data:`NET_BODY` = body), known geometry.
+
+    Returns
+    -------
+    ids : (I, J, K) int32 ndarray
+        0 or ordinal ids 1000, 1001, ... numbered from the top (S-I of the centroid).
+    warnings : list of str
+    """
+    import cc3d
+    from scipy import ndimage
+    from skimage.segmentation import watershed
+
+    warnings: list[str] = []
+    mask = np.asarray(classes.array) == NET_BODY
+    out = np.zeros(mask.shape, np.int32)
+    if not mask.any():
+        return out, warnings
+    spacing = classes.spacing
+    voxel_mm3 = float(np.prod(spacing))
+    dist = ndimage.distance_transform_edt(mask, sampling=spacing)
+    seeds = cc3d.connected_components((dist > SEED_DEPTH_MM).astype(np.uint8), connectivity=6)
+    counts = np.bincount(seeds.ravel())
+    small = np.nonzero(counts * voxel_mm3 < MIN_SEED_MM3)[0]
+    seeds[np.isin(seeds, small)] = 0
+    if not seeds.any():  # thin bodies (coarse or small images): plain components
+        seeds = cc3d.connected_components(mask.astype(np.uint8), connectivity=6)
+    inst = watershed(-dist, seeds, mask=mask)
+    # components of the mask with no seed are dropped by the watershed; count them
+    values = [int(v) for v in np.unique(inst) if v]
+    sizes = ndimage.sum_labels(np.ones_like(inst), inst, values)
+    med = float(np.median(sizes)) if len(values) else 0.0
+    keep = [v for v, n in zip(values, sizes, strict=True) if n >= MIN_INSTANCE_FRACTION * med]
+    if len(keep) < len(values):
+        warnings.append(f"{len(values) - len(keep)} small vertebral body fragment(s) dropped "
+                        f"(< {MIN_INSTANCE_FRACTION:.0%} of the median size)")
+    cents = {v: classes.voxel_to_world(np.argwhere(inst == v)).mean(axis=0) for v in keep}
+    s_pos = {v: float(c @ SUPERIOR) for v, c in cents.items()}
+    off_column = []
+    for v in keep:
+        near = [cents[u] for u in keep if abs(s_pos[u] - s_pos[v]) <= COLUMN_WINDOW_MM]
+        ref = np.median(np.stack(near), axis=0)
+        d = cents[v] - ref
+        d = d - (d @ SUPERIOR) * SUPERIOR
+        if float(np.linalg.norm(d)) > COLUMN_MAX_OFFSET_MM:
+            off_column.append(v)
+    if off_column:
+        warnings.append(f"{len(off_column)} body-like region(s) off the vertebral column "
+                        f"(> {COLUMN_MAX_OFFSET_MM:.0f} mm from its neighbours) dropped")
+    keep = sorted((v for v in keep if v not in off_column), key=lambda v: -s_pos[v])
+    heights = {}
+    for v in keep:
+        zs = classes.voxel_to_world(np.argwhere(inst == v)) @ SUPERIOR
+        heights[v] = float(zs.max() - zs.min())
+    med_h = float(np.median(list(heights.values()))) if heights else 0.0
+    for rank, v in enumerate(keep):
+        out[inst == v] = ORDINAL_VERTEBRA_START + rank
+        if heights[v] > MERGED_BODY_RATIO * med_h:
+            warnings.append(f"body V{ORDINAL_VERTEBRA_START + rank} is "
+                            f"{heights[v] / med_h:.1f}x the median height: it may be two "
+                            "merged bodies")
+    return out, warnings
+
+
 def assign_levels(classes: LabelVolume) -> tuple[LabelVolume, str, list[str]]:
     """Instances and levels from a body/sacrum class map (see the module docstring).
 
@@ -156,14 +249,9 @@ def assign_levels(classes: LabelVolume) -> tuple[LabelVolume, str, list[str]]:
     """
     import cc3d
 
-    from mskmri.measure.spine import split_vertebral_bodies
-
     classes.require_geometry("naming vertebral levels")
     arr = np.asarray(classes.array)
-    body_only = LabelVolume(np.where(arr == NET_BODY, 1, 0).astype(np.uint8), classes.affine,
-                            schema="custom")
-    split, warnings = split_vertebral_bodies(body_only, body_value=1)
-    out = np.asarray(split.array).astype(np.int32)
+    out, warnings = body_instances(classes)
     ids = sorted(v for v in np.unique(out) if v >= ORDINAL_VERTEBRA_START)
     if not ids:
         raise SegmentationError(

@@ -1,0 +1,217 @@
+"""Vertebral-body segmentation and the whole spine pipeline on held-out real lumbar MRI.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/spine_segmentation.py [--data ../shared/data] \
+        [--model spine-seg] [--out benchmarks/results/spine_segmentation.json]
+
+What it does (issue 6, "Segmentation" and "The whole pipeline"):
+
+- Split by exam, fixed in :data:`mskmri.segment._spine_data.SPLIT`: the test exams (4
+  MyoSegmenTUM + 2 Chu) were never used for training or checkpoint selection; the validation
+  exams (chose the checkpoint) are reported separately.
+- Segmentation: :func:`mskmri.segment.spine.segment_spine` from the image alone. Dice of the
+  binary vertebral-bone mask (bodies + sacrum) against the manual mask (any label), on the
+  canonical grid, **within the labelled S-I band** (the rows of the manual labels +- 3 mm):
+  MyoSegmenTUM labels only L1-L5, so T12 and the sacrum are bone the manual mask leaves out;
+  the whole-volume Dice is also given. Target: >= 0.85 on every held-out exam (goal 0.90).
+- Levels: whether the levels were named from anatomy (sacrum found) and, per manual level,
+  whether the predicted body over it got the same name (MyoSegmenTUM L1-L5; Chu by the
+  T10..S1 rule of ``benchmarks/spine_measurements.py``).
+- End to end: :func:`mskmri.measure.spine.analyse_spine` on the predicted map vs on the manual
+  map. Heights matched by overlap (the predicted body covering each manual body); L1-L5 Cobb
+  (a) as reported under the predicted level names and (b) between the predicted bodies that
+  cover manual L1 and L5 (geometry only, independent of level naming). Targets: median
+  |height difference| <= 2.0 mm, |L1-L5 difference| <= 5 deg.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from spine_measurements import chu_to_spine  # noqa: E402
+
+from mskmri.io import atomic_write_json, read, read_labels  # noqa: E402
+from mskmri.labels import get_source, spine_labels_for  # noqa: E402
+from mskmri.measure.spine import analyse_spine, cobb_angle  # noqa: E402
+from mskmri.paths import shared_data_dir  # noqa: E402
+from mskmri.segment import _spine_data as sd  # noqa: E402
+from mskmri.segment.spine import segment_spine  # noqa: E402
+from mskmri.volume import LabelVolume  # noqa: E402
+
+TARGET_DICE = 0.85
+GOAL_DICE = 0.90
+TARGET_HEIGHT_MM = 2.0
+TARGET_COBB_DEG = 5.0
+HEIGHTS = ("anterior_height", "middle_height", "posterior_height")
+
+
+def manual_spine(source: str, path: Path) -> LabelVolume:
+    """The manual mask in the spine schema (VerSe ids)."""
+    if source == "chu2015":
+        seg = chu_to_spine(read(path))
+    else:
+        gt = read_labels(path, strict=False)
+        seg = LabelVolume(get_source("myosegmentum").apply(np.asarray(gt.array)), gt.affine,
+                          schema="spine")
+    seg.labels = spine_labels_for(set(seg.present_values()))
+    return seg
+
+
+def _r(x: float | None, nd: int = 3) -> float | None:
+    return None if x is None or not np.isfinite(x) else round(float(x), nd)
+
+
+def evaluate_exam(data: Path, source: str, exam: str, model: str) -> dict[str, Any]:
+    """Segmentation Dice, level naming and end-to-end measurement differences of one exam."""
+    img_p, gt_p = sd.exam_paths(data, source, exam)
+    image = read(img_p)
+    manual = manual_spine(source, gt_p)
+    t0 = time.perf_counter()
+    res = segment_spine(image, model=model)
+    t_seg = time.perf_counter() - t0
+    pred = res.labels
+    can_gt = sd.to_canonical(manual).array
+    can_pred = sd.to_canonical(pred).array
+    band = sd.label_band(can_gt)
+    out: dict[str, Any] = {
+        "dice_band": _r(sd.binary_dice(can_pred[:, band] > 0, can_gt[:, band] > 0), 4),
+        "dice_whole_volume": _r(sd.binary_dice(can_pred > 0, can_gt > 0), 4),
+        "segment_seconds": _r(t_seg, 1), "levels": res.level_source, "ordinal": res.ordinal,
+        "warnings": res.warnings,
+    }
+    # level naming and matching: the predicted body over each manual body
+    match: dict[str, tuple[int, str]] = {}
+    for v in manual.present_values():
+        if v == 26:
+            continue
+        vals, counts = np.unique(pred.array[manual.array == v], return_counts=True)
+        keep = vals != 0
+        if keep.any():
+            p = int(vals[keep][np.argmax(counts[keep])])
+            match[manual.labels[v]] = (p, pred.labels.get(p, str(p)))
+    out["level_names_correct"] = {k: (name == k) for k, (_, name) in match.items()}
+    t1 = time.perf_counter()
+    a_man = analyse_spine(manual, mid_sagittal_2d=False)
+    a_pred = analyse_spine(pred, mid_sagittal_2d=False)
+    out["measure_seconds"] = _r(time.perf_counter() - t1, 1)
+    man = {m.key: m.value for m in a_man.measurements}
+    prd = {m.key: m.value for m in a_pred.measurements}
+    diffs = []
+    per_level: dict[str, dict[str, float | None]] = {}
+    for lvl, (_, pname) in match.items():
+        row: dict[str, float | None] = {}
+        for h in HEIGHTS:
+            ref, got = man.get(f"{h}.{lvl}"), prd.get(f"{h}.{pname}")
+            if ref is not None and got is not None:
+                row[h] = _r(got - ref)
+                diffs.append(abs(got - ref))
+        per_level[lvl] = row
+    out["height_diff_mm"] = per_level
+    out["height_abs_diff_median_mm"] = _r(float(np.median(diffs)) if diffs else None)
+    out["height_pairs"] = len(diffs)
+    ref_cobb = man.get("cobb_angle.L1-L5")
+    out["cobb_L1_L5_manual_deg"] = _r(ref_cobb)
+    named = prd.get("cobb_angle.L1-L5")
+    out["cobb_L1_L5_named_diff_deg"] = _r(named - ref_cobb) if (
+        named is not None and ref_cobb is not None) else None
+    matched = None
+    if "L1" in match and "L5" in match:
+        gu = a_pred.vertebrae.get(match["L1"][1])
+        gl = a_pred.vertebrae.get(match["L5"][1])
+        if gu is not None and gl is not None and ref_cobb is not None:
+            matched = cobb_angle(gu, gl) - ref_cobb
+    out["cobb_L1_L5_matched_diff_deg"] = _r(matched)
+    return out
+
+
+def _summary(exams: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    dice = [e["dice_band"] for e in exams.values()]
+    heights = [e["height_abs_diff_median_mm"] for e in exams.values()
+               if e["height_abs_diff_median_mm"] is not None]
+    cobb = [abs(e["cobb_L1_L5_matched_diff_deg"]) for e in exams.values()
+            if e["cobb_L1_L5_matched_diff_deg"] is not None]
+    names = [ok for e in exams.values() for ok in e["level_names_correct"].values()]
+    return {"dice_band_mean": _r(float(np.mean(dice)), 4), "dice_band_min": _r(min(dice), 4),
+            "all_exams_dice_ge_target": bool(min(dice) >= TARGET_DICE),
+            "height_median_of_exam_medians_mm": _r(float(np.median(heights))) if heights else None,
+            "cobb_matched_abs_diff_max_deg": _r(max(cobb)) if cobb else None,
+            "level_names_correct_fraction": _r(float(np.mean(names))) if names else None,
+            "exams_with_anatomical_levels": sum(not e["ordinal"] for e in exams.values())}
+
+
+def _git_commit(root: Path) -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path, default=None, help="shared data folder")
+    ap.add_argument("--model", default="spine-seg", help="model name or weight file")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results"
+                    / "spine_segmentation.json")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    data = args.data or shared_data_dir()
+    if data is None:
+        sys.stderr.write("no shared data: give --data or set MSKMRI_SHARED_DATA\n")
+        return 2
+    from mskmri.nn.registry import read_card, resolve_weights
+
+    card = read_card(resolve_weights(args.model)[0])
+    t0 = time.perf_counter()
+    doc: dict[str, Any] = {
+        "schema": "mskmri/benchmark/spine_segmentation/1",
+        "command": " ".join(["python", *sys.argv]),
+        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"node": platform.node(), "platform": platform.platform(),
+                    "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "torch_threads": args.threads,
+                    "python": platform.python_version(), "note": "2 CPU cores shared with "
+                    "other jobs: timings are upper bounds"},
+        "git_commit": _git_commit(Path(__file__).resolve().parents[1]),
+        "model": {"name": card.name, "sha256": card.sha256, "command": card.command,
+                  "validation": card.validation},
+        "split": sd.SPLIT,
+        "targets": {"dice_band": TARGET_DICE, "dice_goal": GOAL_DICE,
+                    "height_median_abs_diff_mm": TARGET_HEIGHT_MM,
+                    "cobb_L1_L5_abs_diff_deg": TARGET_COBB_DEG},
+        "metric": "binary vertebral-bone Dice (bodies + sacrum vs any manual label) within the "
+                  "labelled S-I band +- 3 mm, canonical 1 mm grid; see the module docstring",
+    }
+    for part in ("test", "validation"):
+        exams = {f"{src}/{ex}": evaluate_exam(data, src, ex, args.model)
+                 for src, names in sd.SPLIT[part].items() for ex in names}
+        doc[part] = {"exams": exams, "summary": _summary(exams)}
+        for k, e in exams.items():
+            sys.stdout.write(f"{part} {k}: Dice {e['dice_band']} (whole {e['dice_whole_volume']}),"
+                             f" heights median {e['height_abs_diff_median_mm']} mm, Cobb matched"
+                             f" {e['cobb_L1_L5_matched_diff_deg']} deg, levels "
+                             f"{'ordinal' if e['ordinal'] else 'anatomy'}, "
+                             f"{e['segment_seconds']} s\n")
+    doc["seconds_total"] = round(time.perf_counter() - t0, 1)
+    atomic_write_json(args.out, doc)
+    sys.stdout.write(f"test summary: {doc['test']['summary']}\nwrote {args.out}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
