@@ -1,0 +1,49 @@
+"""The committed pretraining experiment: structure, and evaluation volumes kept apart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "pretraining.json"
+
+
+@pytest.fixture(scope="module")
+def doc() -> dict:
+    if not RESULTS.is_file():
+        pytest.fail(f"{RESULTS} is missing; run benchmarks/pretraining.py")
+    return json.loads(RESULTS.read_text(encoding="utf-8"))
+
+
+def test_structure(doc: dict) -> None:
+    assert not doc["quick"], "the committed result must not be a --quick smoke run"
+    tasks = doc["tasks"]
+    assert tasks and tasks[0]["task"].startswith("vertebral-body")
+    assert [b["labelled_volumes"] for b in tasks[0]["budgets"]] == [1, 2, 5, 10]
+    for t in tasks:
+        for key in ("task", "eval_volumes", "command", "machine", "budgets"):
+            assert t[key], key
+        for b in t["budgets"]:
+            assert isinstance(b["labelled_volumes"], int)
+            assert len(b["scratch_dice"]) == len(b["pretrained_dice"]) == len(b["seeds"]) >= 3
+            assert all(0.0 <= v <= 1.0 for v in b["scratch_dice"] + b["pretrained_dice"])
+            assert all(len(v) == b["labelled_volumes"] for v in b["train_volumes"])
+    assert Path(RESULTS.with_suffix(".png")).is_file()
+
+
+def test_evaluation_volumes_never_trained_or_pretrained_on(doc: dict) -> None:
+    for t in doc["tasks"]:
+        ev = set(t["eval_volumes"])
+        assert not ev & set(t["train_pool"])
+        for b in t["budgets"]:
+            for names in b["train_volumes"]:
+                assert set(names) <= set(t["train_pool"])
+        pre = t["pretraining_images"]
+        assert not any(e in p for e in ev for p in pre), "an evaluation volume was pretrained on"
+    # The spine exams named as pretraining images are exactly the training pool.
+    spine = doc["tasks"][0]
+    assert {p for p in spine["pretraining_images"] if p.startswith(("myosegmentum/",
+                                                                     "chu2015/"))} \
+        == set(spine["train_pool"])
