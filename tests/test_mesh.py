@@ -153,3 +153,28 @@ def test_knee_side_and_views(rng):
     assert share(per_view["lateral"], "#8e7cc3") > 0.01  # fibula seen from the lateral side
     assert share(per_view["medial"], "#8e7cc3") < 0.002  # and hidden behind the tibia from the medial side
     assert combined[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_measure_cli_writes_meshes(tmp_path, rng):
+    import json
+
+    from mskmri.cli import main
+    from mskmri.io import write
+
+    seg, centre = _sphere(lambda sp: random_orientation_affine(rng, spacing=sp))
+    write(seg, tmp_path / "seg.nii.gz")
+    out = tmp_path / "surf"
+    assert main(["-q", "measure", "knee", str(tmp_path / "seg.nii.gz"), "--json",
+                 str(tmp_path / "m.json"), "--meshes", str(out)]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"femur.stl", "femur.ply", "tibia.stl", "surfaces.json", "views"} <= names
+    doc = json.loads((out / "surfaces.json").read_text())
+    assert doc["schema"] == "mskmri/surfaces/1" and doc["space"] == "LPS"
+    femur = next(m for m in doc["meshes"] if m["structure"] == "femur")
+    assert femur["volume_ml"] == pytest.approx(4 / 3 * math.pi * RADIUS**3 / 1000, rel=0.02)
+    # a folder that is not ours is never replaced
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.txt").write_text("x")
+    assert main(["-q", "measure", "knee", str(tmp_path / "seg.nii.gz"), "--json",
+                 str(tmp_path / "m2.json"), "--meshes", str(tmp_path / "other")]) == 2
+    assert not (tmp_path / "m2.json").exists()

@@ -442,6 +442,81 @@ def analyze_knee(
                           warnings=list(warnings), timings_s=timings)
 
 
+#: Version tag of ``surfaces.json`` (what :func:`write_surfaces` wrote).
+SURFACES_SCHEMA: Final = "mskmri/surfaces/1"
+SURFACES_FILE: Final = "surfaces.json"
+
+
+def write_surfaces(
+    seg_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, views: bool = True
+) -> list[Path]:
+    """Meshes (and 3-D views) of a knee label map file, into a folder, atomically.
+
+    ``out_dir`` gets ``<structure>.stl`` and ``<structure>.ply`` (LPS mm, see
+    :mod:`mskmri.report.mesh`), ``views/<view>.png`` when ``views``, and ``surfaces.json``
+    (``mskmri/surfaces/1``: the coordinate system, the source, and per mesh its triangle
+    count, volume in mL and area in mm^2). An existing ``out_dir`` is replaced only when it is
+    empty or holds a ``surfaces.json``.
+
+    Parameters
+    ----------
+    seg_path : path-like
+        Knee label map (project knee schema) with known geometry.
+    out_dir : path-like
+        Folder to create.
+    views : bool
+        Also render the anterior/lateral/medial views.
+
+    Returns
+    -------
+    list of Path
+        The files written (final paths).
+    """
+    from mskmri.io import atomic_path, atomic_write_json
+    from mskmri.report.figures import write_png
+    from mskmri.report.mesh import FILE_SPACE, mesh_summary, structure_meshes, write_meshes
+    from mskmri.report.views import render_knee_views
+
+    out = Path(out_dir)
+    check_surfaces_dir(out)
+    seg = _read_segmentation_alone(seg_path)
+    meshes = structure_meshes(seg)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        write_meshes(meshes, tmp)
+        if views:
+            per_view, _, _ = render_knee_views(seg)
+            (tmp / VIEWS_DIR).mkdir()
+            for name, png in per_view.items():
+                write_png(tmp / VIEWS_DIR / f"{name}.png", png)
+        atomic_write_json(tmp / SURFACES_FILE, {
+            "schema": SURFACES_SCHEMA, "space": FILE_SPACE, "units": "mm",
+            "source": str(seg_path), "meshes": mesh_summary(meshes),
+        })
+        files = sorted(p.relative_to(tmp) for p in tmp.rglob("*") if p.is_file())
+    log.info("wrote %d meshes to %s", len(meshes), out)
+    return [out / f for f in files]
+
+
+def check_surfaces_dir(out_dir: str | os.PathLike[str]) -> None:
+    """Raise :class:`MskMriError` unless ``out_dir`` is new, empty or a previous mesh folder."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir())
+                                              and not (out / SURFACES_FILE).is_file())):
+        raise MskMriError(f"{out} exists and is not a previous mesh folder (no {SURFACES_FILE}); "
+                          "give a new folder or remove it first")
+
+
+def _read_segmentation_alone(path: str | os.PathLike[str]) -> LabelVolume:
+    from mskmri.io import read_labels
+    from mskmri.measure.knee import check_knee_labels
+
+    seg = read_labels(path, schema="knee", strict=False)
+    seg.require_geometry("meshes in world millimetres")
+    check_knee_labels(seg)
+    return seg
+
+
 #: anatomy -> analysis function (the CLI reads its choices from here).
 ANALYSES: dict[str, Callable[..., AnalysisResult]] = {"knee": analyze_knee}
 
@@ -451,5 +526,7 @@ __all__ = [
     "AnalysisResult",
     "Segmenter",
     "analyze_knee",
+    "check_surfaces_dir",
     "default_knee_segmenter",
+    "write_surfaces",
 ]

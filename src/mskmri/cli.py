@@ -172,6 +172,8 @@ def _add_measure(sub: Any) -> None:
                    "(1 = bone marrow lesion): adds lesion volume and count per bone")
     p.add_argument("--json", dest="json_out", metavar="OUT", required=True,
                    help="output JSON file (written atomically)")
+    p.add_argument("--meshes", metavar="DIR", help="knee: also write one mesh per structure "
+                   "(STL + PLY, LPS mm for 3D Slicer) and 3-D views (views/*.png) into DIR")
     p.set_defaults(run=_run_measure)
 
 
@@ -179,9 +181,19 @@ def _run_measure(args: argparse.Namespace) -> int:
     """Measure SEG with the ANATOMY's measurer and write the document atomically."""
     from mskmri.measure import get_measurer, write_measurements
 
+    if getattr(args, "meshes", None):
+        if args.anatomy != "knee":
+            raise MskMriError(f"--meshes is available for the knee, not {args.anatomy!r}")
+        from mskmri.analyze import check_surfaces_dir
+
+        check_surfaces_dir(args.meshes)  # before anything is written
     doc = get_measurer(args.anatomy)(args.seg, image_path=args.image, lesions_path=args.lesions)
     write_measurements(args.json_out, doc)
     log.info("wrote %d measurements to %s", len(doc["measurements"]), args.json_out)
+    if getattr(args, "meshes", None):
+        from mskmri.analyze import write_surfaces
+
+        write_surfaces(args.seg, args.meshes)
     return EXIT_OK
 
 
