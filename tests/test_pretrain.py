@@ -262,6 +262,10 @@ def test_collect_images_slices_and_mixing(tmp_path: Path) -> None:
 
     with pytest.raises(PretrainDataError, match="--dims 3"):
         collect_images([folder, tmp_path / "flat.nii.gz"], dims=3, spacing_mm=None)
+    vols = collect_images([folder], dims=3, spacing_mm=2.0)
+    # 3-D: each volume resampled to 2 mm isotropic (24x40x40 at 1x1x2 mm -> 12x20x40).
+    assert [v.shape for v in vols.images] == [(12, 20, 40)] * 2
+    assert {r.used_as for r in vols.records} == {"3-D volume"}
 
 
 def test_train_pretrain_cli_runs_and_resumes(tmp_path: Path) -> None:
@@ -284,3 +288,21 @@ def test_train_pretrain_cli_runs_and_resumes(tmp_path: Path) -> None:
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 3
     seg = UNet(UNetConfig(spatial_dims=2, features=(4, 8, 16, 16), strides=(1, 2, 2, 2)))
     assert load_weights_into(seg, out / "model.safetensors")["loaded"] > 0
+
+
+def test_unknown_geometry_is_explicit(tmp_path: Path) -> None:
+    import nibabel as nib
+
+    from mskmri.pretrain.data import PretrainDataError
+
+    img = nib.Nifti1Image(np.random.default_rng(2).random((20, 30, 30)).astype(np.float32),
+                          None)
+    img.set_sform(None, code=0)
+    img.set_qform(None, code=0)
+    nib.save(img, str(tmp_path / "nogeom.nii.gz"))
+    with pytest.raises(PretrainDataError, match="no geometry"):
+        collect_images([tmp_path / "nogeom.nii.gz"], dims=2, spacing_mm=1.0)
+    got = collect_images([tmp_path / "nogeom.nii.gz"], dims=2, spacing_mm=1.0,
+                         unknown_geometry="native")
+    assert got.records[0].geometry.startswith("unknown") and got.records[0].spacing_mm is None
+    assert got.images[0].shape in {(30, 30), (20, 30)}
