@@ -378,7 +378,12 @@ def analyze_knee(
     with atomic_path(out) as tmp:
         tmp.mkdir()
         if meshes:
-            from mskmri.report.mesh import structure_meshes, write_meshes
+            from mskmri.report.mesh import (
+                MESH_VOXEL_MM,
+                block_factors,
+                structure_meshes,
+                write_meshes,
+            )
             from mskmri.report.views import (
                 HIDDEN_STRUCTURES,
                 display_factors,
@@ -387,12 +392,14 @@ def analyze_knee(
             )
 
             with timer.step("meshes", "building surface meshes"):
-                mesh_list = structure_meshes(seg)
+                mesh_list = structure_meshes(
+                    seg, downsample=block_factors(seg.spacing, MESH_VOXEL_MM))
                 write_meshes(mesh_list, tmp / MESHES_DIR)
             with timer.step("views", "rendering 3-D views"):
                 # at display resolution already: reuse the meshes instead of building lighter ones
                 shown = ([m for m in mesh_list if m.name not in HIDDEN_STRUCTURES]
-                         if max(display_factors(seg)) == 1 else None)
+                         if display_factors(seg) == block_factors(seg.spacing, MESH_VOXEL_MM)
+                         else None)
                 per_view, combined, views = render_knee_views(seg, meshes=shown)
                 (tmp / VIEWS_DIR).mkdir()
                 for name, png in per_view.items():
@@ -474,13 +481,20 @@ def write_surfaces(
     """
     from mskmri.io import atomic_path, atomic_write_json
     from mskmri.report.figures import write_png
-    from mskmri.report.mesh import FILE_SPACE, mesh_summary, structure_meshes, write_meshes
+    from mskmri.report.mesh import (
+        FILE_SPACE,
+        MESH_VOXEL_MM,
+        block_factors,
+        mesh_summary,
+        structure_meshes,
+        write_meshes,
+    )
     from mskmri.report.views import render_knee_views
 
     out = Path(out_dir)
     check_surfaces_dir(out)
     seg = _read_segmentation_alone(seg_path)
-    meshes = structure_meshes(seg)
+    meshes = structure_meshes(seg, downsample=block_factors(seg.spacing, MESH_VOXEL_MM))
     with atomic_path(out) as tmp:
         tmp.mkdir()
         write_meshes(meshes, tmp)

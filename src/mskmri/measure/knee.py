@@ -79,7 +79,7 @@ CARTILAGE_PLATES: Mapping[str, str] = MappingProxyType(
 #: Search margin (mm) around a plate for its articular surface: the distance map is computed
 #: in the plate's bounding box grown by this much, so thicknesses above it are not measured
 #: (human cartilage is at most ~7 mm thick); values at this cap are flagged in a warning.
-THICKNESS_SEARCH_MM: Final = 15.0
+THICKNESS_SEARCH_MM: Final = 10.0
 
 #: Largest |cosine| between two affine columns for the grid to count as orthogonal: the
 #: distance transform works along the array axes, so a sheared grid (e.g. DICOM gantry tilt)
@@ -273,7 +273,11 @@ def _grid_is_orthogonal(affine: np.ndarray) -> bool:
 
 
 def cartilage_thickness(
-    seg: LabelVolume, plate: str, *, search_mm: float = THICKNESS_SEARCH_MM
+    seg: LabelVolume,
+    plate: str,
+    *,
+    search_mm: float = THICKNESS_SEARCH_MM,
+    bbox: tuple[slice, ...] | None = None,
 ) -> PlateThickness | None:
     """Local thickness (mm) of one cartilage plate at each voxel of its bone interface.
 
@@ -300,6 +304,8 @@ def cartilage_thickness(
     search_mm : float
         Distances are searched up to this far (mm) from the plate; interface voxels farther
         from any articular-side voxel are counted in ``capped`` and left out.
+    bbox : tuple of 3 slices, optional
+        Array box holding every voxel of the plate (found when None).
 
     Returns
     -------
@@ -324,17 +330,23 @@ def cartilage_thickness(
         )
     bone = CARTILAGE_PLATES[plate]
     arr = seg.array
-    cart = arr == KNEE_ID[plate]
-    if not cart.any():
-        return None
-    idx = np.argwhere(cart)
+    if bbox is None:
+        idx = np.argwhere(arr == KNEE_ID[plate])
+        if idx.size == 0:
+            return None
+        first, last = idx.min(axis=0), idx.max(axis=0)
+    else:
+        first = np.array([sl.start for sl in bbox])
+        last = np.array([sl.stop - 1 for sl in bbox])
     spacing = np.asarray(seg.spacing)
     margin = np.ceil(search_mm / spacing).astype(int) + 1
-    lo = np.maximum(idx.min(axis=0) - margin, 0)
-    hi = np.minimum(idx.max(axis=0) + margin + 1, np.asarray(arr.shape))
+    lo = np.maximum(first - margin, 0)
+    hi = np.minimum(last + margin + 1, np.asarray(arr.shape))
     box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
     sub = arr[box]
-    c = cart[box]
+    c = sub == KNEE_ID[plate]
+    if not c.any():
+        return None
     b = sub == KNEE_ID[bone]
     if not b.any():
         return None
@@ -373,17 +385,22 @@ def cartilage_thickness_measurements(seg: LabelVolume) -> tuple[list[Measurement
     warnings : list of str
         One per plate that could not be measured or had capped values.
     """
+    from scipy import ndimage
+
     seg.require_geometry("a cartilage thickness in mm")
     out: list[Measurement] = []
     warnings: list[str] = []
-    present = set(seg.present_values())
+    arr = seg.array
+    # one pass for every structure's bounding box (knee labels are small non-negative ints)
+    boxes = ndimage.find_objects(arr if arr.dtype.kind == "u" else arr.astype(np.int32))
+    present = {v + 1 for v, box in enumerate(boxes) if box is not None}
     for plate, bone in CARTILAGE_PLATES.items():
         if KNEE_ID[plate] not in present:
             continue
         reason = None
         res: PlateThickness | None = None
         try:
-            res = cartilage_thickness(seg, plate)
+            res = cartilage_thickness(seg, plate, bbox=boxes[KNEE_ID[plate] - 1])
         except GeometryError as exc:
             reason = str(exc)
         if reason is None and res is None:

@@ -1,7 +1,8 @@
 """Surface meshes of label-map structures, in world millimetres, for 3D Slicer and friends.
 
 :func:`structure_meshes` runs marching cubes (``skimage.measure.marching_cubes``) on each
-structure's binary mask at the 0.5 iso-level, maps the vertices through the label map's
+structure's binary mask at the 0.5 iso-level (maps finer than :data:`MESH_VOXEL_MM` may be
+block-averaged to about that first, see ``downsample``), maps the vertices through the label map's
 affine to world coordinates (RAS+, mm), orients every triangle so its normal points out of
 the structure, and optionally applies light Taubin smoothing (``trimesh.smoothing
 .filter_taubin``, which shrinks far less than plain Laplacian smoothing). :func:`write_meshes`
@@ -70,6 +71,11 @@ MESH_FORMATS: tuple[str, ...] = ("stl", "ply")
 #: fraction of its volume (a thin plate breaking up) is meshed at full resolution instead.
 MIN_DOWNSAMPLED_FRACTION: Final = 0.85
 
+#: Target voxel size (mm) of mesh files: finer label maps are block-averaged to about this
+#: (:func:`block_factors`) before marching cubes, which keeps files of 0.3 mm in-plane maps
+#: to tens of MB instead of hundreds; thin structures keep their resolution (see above).
+MESH_VOXEL_MM: Final = 0.6
+
 #: Structures with fewer voxels than this get no mesh (too small to be a surface).
 MIN_VOXELS: Final = 8
 
@@ -130,24 +136,33 @@ class StructureMesh:
         return mesh
 
 
+def block_factors(spacing: Sequence[float], voxel_mm: float) -> tuple[int, int, int]:
+    """Integer block-averaging factor per array axis bringing ``spacing`` (mm) to ~``voxel_mm``.
+
+    >>> block_factors((0.3125, 0.3125, 0.7), 0.6)
+    (2, 2, 1)
+    """
+    f = [max(1, int(round(voxel_mm / float(s)))) for s in spacing]
+    return (f[0], f[1], f[2])
+
+
 def _mask_surface(
-    mask: np.ndarray, affine: np.ndarray, *, downsample: Sequence[int] = (1, 1, 1)
+    crop: np.ndarray, lo: np.ndarray, affine: np.ndarray, *,
+    downsample: Sequence[int] = (1, 1, 1),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Marching cubes of a boolean mask -> (RAS+ vertices, outward faces).
 
+    ``crop`` is the mask inside its bounding box, whose first voxel is ``lo`` (array index).
     With ``downsample`` > 1 the mask is first block-averaged (each output cell is the
     fraction of its ``f0 x f1 x f2`` voxels inside), and the 0.5 iso-surface of that fraction
-    is taken: a coarser but still closed, consistently wound surface (for display). Thin
-    structures that would break up (:data:`MIN_DOWNSAMPLED_FRACTION`) get halved factors,
-    down to full resolution.
+    is taken: a coarser but still closed, consistently wound surface. Thin structures that
+    would break up (:data:`MIN_DOWNSAMPLED_FRACTION`) get halved factors, down to full
+    resolution.
     """
     from skimage.measure import block_reduce, marching_cubes
 
     f = np.asarray(downsample, dtype=int)
-    idx = np.argwhere(mask)
-    lo = idx.min(axis=0)
-    hi = idx.max(axis=0) + 1
-    crop = mask[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))]
+    lo = np.asarray(lo, dtype=int)
     field = crop.astype(np.float32)
     n_inside = max(int(crop.sum()), 1)
     while np.any(f > 1):
@@ -182,6 +197,7 @@ def label_mesh(
     name: str,
     downsample: int | Sequence[int] = 1,
     smoothing_iterations: int = DEFAULT_SMOOTHING_ITERATIONS,
+    bbox: tuple[slice, ...] | None = None,
 ) -> StructureMesh:
     """The closed surface of the voxels holding ``values``, in world RAS+ mm.
 
@@ -198,6 +214,8 @@ def label_mesh(
         quick display meshes with far fewer triangles).
     smoothing_iterations : int
         Taubin smoothing iterations (0 = none).
+    bbox : tuple of 3 slices, optional
+        Array box holding every voxel of the structure (found when None).
 
     Returns
     -------
@@ -209,15 +227,24 @@ def label_mesh(
         When no voxel holds ``values``.
     """
     seg.require_geometry("a mesh in world millimetres")
-    mask = seg.mask(*values)
-    if not mask.any():
-        raise MeshError(f"no voxel of {name!r} (values {list(values)}) in the label map; "
-                        "nothing to mesh")
     factors = ((downsample,) * 3 if isinstance(downsample, (int, np.integer))
                else tuple(int(v) for v in downsample))
     if len(factors) != 3 or min(factors) < 1:
         raise MeshError(f"downsample must be a positive int or 3 of them, not {downsample!r}")
-    verts, faces = _mask_surface(mask, seg.affine, downsample=factors)
+    if bbox is None:
+        idx = np.argwhere(seg.mask(*values))
+        if idx.size == 0:
+            raise MeshError(f"no voxel of {name!r} (values {list(values)}) in the label map; "
+                            "nothing to mesh")
+        bbox = tuple(slice(int(a), int(b) + 1)
+                     for a, b in zip(idx.min(axis=0), idx.max(axis=0), strict=True))
+    sub = seg.array[bbox]
+    crop = np.isin(sub, np.asarray(values, dtype=sub.dtype))
+    if not crop.any():
+        raise MeshError(f"no voxel of {name!r} (values {list(values)}) in the label map; "
+                        "nothing to mesh")
+    lo = np.array([sl.start or 0 for sl in bbox])
+    verts, faces = _mask_surface(crop, lo, seg.affine, downsample=factors)
     if smoothing_iterations > 0:
         from mskmri._optional import optional_import
 
@@ -256,8 +283,14 @@ def structure_meshes(
     -------
     list of StructureMesh
     """
+    from scipy import ndimage
+
     seg.require_geometry("meshes in world millimetres")
-    counts = np.bincount(seg.array.ravel().astype(np.int64, copy=False))
+    arr = seg.array
+    counts = np.bincount(arr.ravel().astype(np.int64, copy=False))
+    # one pass for every structure's bounding box (labels are small non-negative ints)
+    boxes = ndimage.find_objects(arr.astype(np.int32, copy=False) if arr.dtype.kind == "i"
+                                 else arr)
     wanted = set(structures) if structures is not None else None
     out: list[StructureMesh] = []
     for value, name in sorted(seg.labels.items()):
@@ -269,8 +302,9 @@ def structure_meshes(
         if n < min_voxels:
             log.info("no mesh for %s: %d voxels (< %d)", name, n, min_voxels)
             continue
+        box = boxes[value - 1] if value - 1 < len(boxes) else None
         out.append(label_mesh(seg, [value], name=name, downsample=downsample,
-                              smoothing_iterations=smoothing_iterations))
+                              smoothing_iterations=smoothing_iterations, bbox=box))
     return out
 
 
@@ -354,9 +388,11 @@ def colours_of(meshes: Sequence[StructureMesh]) -> Mapping[str, str]:
 __all__ = [
     "FILE_SPACE",
     "MESH_FORMATS",
+    "MESH_VOXEL_MM",
     "RAS_TO_LPS",
     "MeshError",
     "StructureMesh",
+    "block_factors",
     "colours_of",
     "label_mesh",
     "mesh_summary",

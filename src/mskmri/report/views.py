@@ -39,7 +39,7 @@ import numpy as np
 
 from mskmri.labels import KNEE_ID
 from mskmri.report.colours import display_name, hex_to_rgb
-from mskmri.report.mesh import StructureMesh, structure_meshes
+from mskmri.report.mesh import StructureMesh, block_factors, structure_meshes
 from mskmri.volume import LabelVolume
 
 if TYPE_CHECKING:
@@ -130,8 +130,7 @@ def display_factors(
     seg: LabelVolume, voxel_mm: float = DISPLAY_VOXEL_MM
 ) -> tuple[int, int, int]:
     """Block-averaging factor per array axis that brings voxels to about ``voxel_mm``."""
-    f = [max(1, int(round(voxel_mm / s))) for s in seg.spacing]
-    return (f[0], f[1], f[2])
+    return block_factors(seg.spacing, voxel_mm)
 
 
 def display_meshes(
