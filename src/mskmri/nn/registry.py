@@ -478,8 +478,8 @@ TRAIN_TASKS["spine-seg"] = TrainTask(
                                   "spine/ (default: the configured shared data)"}),
         TrainOption(("--threads",), {"type": int, "help": "torch CPU threads"}),
     ),
-    defaults={"steps": 3000, "batch_size": 8, "lr": 2e-3, "val_every": 250,
-              "checkpoint_every": 250, "seed": 0},
+    defaults={"steps": 1800, "batch_size": 8, "lr": 2e-3, "val_every": 300,
+              "checkpoint_every": 300, "seed": 0, "device": "cpu"},
 )
 
 TRAIN_TASKS["knee-seg"] = TrainTask(
