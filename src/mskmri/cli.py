@@ -501,6 +501,45 @@ def _run_analyze(args: argparse.Namespace) -> int:
     return _ANALYZE_RUNNERS[args.anatomy](args)
 
 
+# ==== detect bml
+def _add_detect(sub: Any) -> None:
+    p = sub.add_parser("detect", help="detect lesions: bml = femoral bone marrow lesions by "
+                       "masked inpainting (binary mask on IMAGE's grid + per-lesion table)")
+    p.add_argument("target", choices=["bml"], help="what to detect")
+    p.add_argument("image", metavar="IMAGE", help="3-D knee MRI (sagittal fluid-sensitive "
+                   "fat-suppressed is best)")
+    p.add_argument("out", metavar="OUT", help="lesion mask (.nii.gz, ...) on IMAGE's grid; "
+                   "OUT's sidecar and OUT.bml.json (record, warnings, lesions) beside it")
+    p.add_argument("--seg", metavar="SEG", help="knee label map on IMAGE's grid (femur = 1); "
+                   "default: segment the knee with the shipped knee model")
+    p.add_argument("--method", choices=["inpaint", "mkd"], default="inpaint",
+                   help="detector (mkd: baseline, not implemented yet)")
+    p.add_argument("--uncertainty", metavar="OUT", help="write the Monte-Carlo spread of the "
+                   "paintings here")
+    p.add_argument("--table", metavar="PATH", help="per-lesion table (.csv or .json)")
+    p.add_argument("--contrast", default="auto", help="input contrast (iw-fs, pd-fs, t2-fs, "
+                   "stir, dess, ...); auto: from the image metadata")
+    p.add_argument("--model", default="bml-inpaint", help="inpainting model name or "
+                   "*.safetensors")
+    p.add_argument("--threshold", type=float, help="z threshold (default: calibrated, from "
+                   "the model card)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    p.set_defaults(run=_run_detect)
+
+
+def _run_detect(args: argparse.Namespace) -> int:
+    """``mskmri detect bml IMAGE OUT``: lesion mask, record and optional table."""
+    from mskmri.anomaly.inpaint import detect_bml_file
+
+    res = detect_bml_file(args.image, args.out, seg_path=args.seg, method=args.method,
+                          uncertainty_path=args.uncertainty, table_path=args.table,
+                          contrast=args.contrast, model=args.model,
+                          threshold=args.threshold, device=args.device)
+    log.info("wrote %s: %d lesion(s), %.3f mL", args.out, len(res.table),
+             sum(r["volume_ml"] for r in res.table))
+    return EXIT_OK
+
+
 # ============================================================================ registry
 #: (adder) for every subcommand, in help order. Add new commands here.
 _COMMANDS: list[Callable[[Any], None]] = [
@@ -514,6 +553,7 @@ _COMMANDS: list[Callable[[Any], None]] = [
     _add_synth,
     _add_segment,
     _add_analyze,
+    _add_detect,
 ]
 
 

@@ -505,6 +505,27 @@ TRAIN_TASKS["knee-seg"] = TrainTask(
 )
 
 
+TRAIN_TASKS["inpaint"] = TrainTask(
+    name="inpaint",
+    help="2-D FFC (LaMa-style) inpainter of healthy femoral marrow for BML detection, trained "
+         "on lesion-free renders of the OAI training subjects (mskmri.synth)",
+    entry="mskmri.anomaly.inpaint_train:run",
+    options=(
+        TrainOption(("--data",), {"metavar": "DIR", "help": "OAI lesion label-map folder "
+                                  "(default: the configured shared data)"}),
+        TrainOption(("--cache",), {"metavar": "DIR", "help": "render cache folder "
+                                   "(default OUT/cache; never inside the repository)"}),
+        TrainOption(("--renders",), {"type": int, "help": "distinct lesion-free renders (8)"}),
+        TrainOption(("--width",), {"type": int, "help": "channels after the stem (16)"}),
+        TrainOption(("--blocks",), {"type": int, "help": "residual FFC blocks (3)"}),
+        TrainOption(("--name",), {"help": "model name in the card (bml-inpaint)"}),
+        TrainOption(("--threads",), {"type": int, "help": "torch CPU threads"}),
+    ),
+    defaults={"steps": 3000, "batch_size": 8, "lr": 1e-3, "schedule": "cosine",
+              "checkpoint_every": 100, "seed": 0},
+)
+
+
 def train_task(name: str) -> TrainTask:
     """The registered task ``name``; a helpful error otherwise."""
     if name not in TRAIN_TASKS:
