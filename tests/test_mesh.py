@@ -55,6 +55,8 @@ def test_sphere_mesh_world_position_volume_and_normals(seed, smoothing):
     assert mesh.volume_ml == pytest.approx(voxel_ml, rel=0.02)
     assert mesh.volume_ml == pytest.approx(4 / 3 * math.pi * RADIUS**3 / 1000, rel=0.02)
     # outward normals, whatever the sign of the affine's determinant
+    assert np.isfinite(mesh.vertices).all()
+    assert np.unique(mesh.faces).size == len(mesh.vertices)  # no unreferenced vertex
     tm = mesh.to_trimesh()
     assert tm.is_watertight and tm.is_winding_consistent
     assert tm.volume > 0

@@ -245,6 +245,10 @@ def _overlay_figures(image: Volume, seg: LabelVolume, lesions: LabelVolume | Non
     from mskmri.labels import KNEE_ID
     from mskmri.report.figures import ReportFigure, label_centroid_world, overlay_figure
 
+    # reoriented to RAS+ once here (the figures would each do it again: seconds on big volumes)
+    image, seg = image.reorient("RAS"), seg.reorient("RAS")  # type: ignore[assignment]
+    if lesions is not None:
+        lesions = lesions.reorient("RAS")  # type: ignore[assignment]
     figures = []
     centre = label_centroid_world(seg, [KNEE_ID[n] for n in OVERVIEW_STRUCTURES])
     where = "the centre of the joint (cartilage and menisci)"

@@ -148,7 +148,7 @@ def block_factors(spacing: Sequence[float], voxel_mm: float) -> tuple[int, int, 
 
 def _mask_surface(
     crop: np.ndarray, lo: np.ndarray, affine: np.ndarray, *,
-    downsample: Sequence[int] = (1, 1, 1),
+    downsample: Sequence[int] = (1, 1, 1), iso_level: float = ISO_LEVEL,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Marching cubes of a boolean mask -> (RAS+ vertices, outward faces).
 
@@ -157,7 +157,8 @@ def _mask_surface(
     fraction of its ``f0 x f1 x f2`` voxels inside), and the 0.5 iso-surface of that fraction
     is taken: a coarser but still closed, consistently wound surface. Thin structures that
     would break up (:data:`MIN_DOWNSAMPLED_FRACTION`) get halved factors, down to full
-    resolution.
+    resolution. ``iso_level`` below 0.5 keeps thin structures whole on coarse blocks at the
+    price of slightly fattening them (for display only).
     """
     from skimage.measure import block_reduce, marching_cubes
 
@@ -168,7 +169,7 @@ def _mask_surface(
     while np.any(f > 1):
         reduced = block_reduce(field, block_size=tuple(int(v) for v in f), func=np.mean,
                                cval=0.0)
-        kept = np.count_nonzero(reduced > ISO_LEVEL) * int(np.prod(f)) / n_inside
+        kept = np.count_nonzero(reduced > iso_level) * int(np.prod(f)) / n_inside
         if kept >= MIN_DOWNSAMPLED_FRACTION:
             field = reduced
             break
@@ -176,8 +177,14 @@ def _mask_surface(
         f = np.maximum(f // 2, 1)
     # one cell of background all round, so every surface is closed (also at the array edge)
     padded = np.pad(field, 1)
-    verts, faces, _, _ = marching_cubes(padded, level=ISO_LEVEL, allow_degenerate=False)
+    level = iso_level if np.any(f > 1) else ISO_LEVEL  # full resolution: the voxel faces
+    verts, faces, _, _ = marching_cubes(padded, level=level, allow_degenerate=False)
     # cell centre c of the reduced grid covers voxels c*f .. c*f + f - 1 of the crop
+    # dropping degenerate triangles can leave vertices no face uses: remove them (they would
+    # have no neighbours in the smoothing, and no place in the files)
+    used, faces = np.unique(faces, return_inverse=True)
+    verts = verts[used]
+    faces = faces.reshape(-1, 3)
     ijk = (verts.astype(np.float64) - 1.0) * f + (f - 1) / 2.0 + lo
     world = ijk @ affine[:3, :3].T + affine[:3, 3]
     faces = faces.astype(np.int64)
@@ -198,6 +205,7 @@ def label_mesh(
     downsample: int | Sequence[int] = 1,
     smoothing_iterations: int = DEFAULT_SMOOTHING_ITERATIONS,
     bbox: tuple[slice, ...] | None = None,
+    iso_level: float = ISO_LEVEL,
 ) -> StructureMesh:
     """The closed surface of the voxels holding ``values``, in world RAS+ mm.
 
@@ -216,6 +224,9 @@ def label_mesh(
         Taubin smoothing iterations (0 = none).
     bbox : tuple of 3 slices, optional
         Array box holding every voxel of the structure (found when None).
+    iso_level : float
+        Iso-level on the block-averaged mask (default 0.5: volume-preserving; lower values
+        keep thin structures whole on coarse display meshes).
 
     Returns
     -------
@@ -244,7 +255,7 @@ def label_mesh(
         raise MeshError(f"no voxel of {name!r} (values {list(values)}) in the label map; "
                         "nothing to mesh")
     lo = np.array([sl.start or 0 for sl in bbox])
-    verts, faces = _mask_surface(crop, lo, seg.affine, downsample=factors)
+    verts, faces = _mask_surface(crop, lo, seg.affine, downsample=factors, iso_level=iso_level)
     if smoothing_iterations > 0:
         from mskmri._optional import optional_import
 
@@ -265,6 +276,7 @@ def structure_meshes(
     downsample: int | Sequence[int] = 1,
     smoothing_iterations: int = DEFAULT_SMOOTHING_ITERATIONS,
     min_voxels: int = MIN_VOXELS,
+    iso_level: float = ISO_LEVEL,
 ) -> list[StructureMesh]:
     """One mesh per named structure present in ``seg`` (schema order).
 
@@ -274,7 +286,7 @@ def structure_meshes(
         (I, J, K) label map with known geometry; ``seg.labels`` names the values.
     structures : sequence of str, optional
         Names to mesh (default: every named structure present).
-    downsample, smoothing_iterations
+    downsample, smoothing_iterations, iso_level
         As for :func:`label_mesh`.
     min_voxels : int
         Structures with fewer voxels are skipped (logged).
@@ -304,7 +316,8 @@ def structure_meshes(
             continue
         box = boxes[value - 1] if value - 1 < len(boxes) else None
         out.append(label_mesh(seg, [value], name=name, downsample=downsample,
-                              smoothing_iterations=smoothing_iterations, bbox=box))
+                              smoothing_iterations=smoothing_iterations, bbox=box,
+                              iso_level=iso_level))
     return out
 
 

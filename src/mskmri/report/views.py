@@ -56,7 +56,12 @@ HIDDEN_STRUCTURES: tuple[str, ...] = ("muscle", "infrapatellar_fat_pad")
 TRANSLUCENT: Mapping[str, float] = {"joint_effusion": 0.45}
 
 #: Target voxel size (mm) of the block-averaged label map the display meshes are built from.
-DISPLAY_VOXEL_MM: Final = 1.2
+DISPLAY_VOXEL_MM: Final = 1.5
+
+#: Iso-level of display meshes on the block-averaged mask: below 0.5 so that thin plates
+#: (cartilage, ligaments) stay whole at display resolution; they look up to ~0.2 blocks
+#: thicker, which the views accept (the mesh FILES use 0.5).
+DISPLAY_ISO_LEVEL: Final = 0.3
 
 #: Taubin iterations for display meshes (smoother look, volume kept).
 DISPLAY_SMOOTHING_ITERATIONS: Final = 8
@@ -153,7 +158,8 @@ def display_meshes(
     factors = display_factors(seg, voxel_mm)
     names = [n for v, n in sorted(seg.labels.items()) if v != 0 and n not in set(hidden)]
     return structure_meshes(seg, structures=names, downsample=factors,
-                            smoothing_iterations=DISPLAY_SMOOTHING_ITERATIONS)
+                            smoothing_iterations=DISPLAY_SMOOTHING_ITERATIONS,
+                            iso_level=DISPLAY_ISO_LEVEL)
 
 
 def _screen_axes(direction: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
