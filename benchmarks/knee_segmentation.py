@@ -1,0 +1,306 @@
+"""Validation and speed of the coarse-to-fine knee segmenter (issue 3).
+
+Writes ``benchmarks/results/knee_segmentation.json`` and overlay figures under
+``benchmarks/results/figures/``:
+
+1. held-out synthetic renders: for each validation subject (never trained on, split by
+   subject) and each contrast, one render (``mskmri.synth.render``, seeded, in-plane matrix
+   :data:`VAL_INPLANE`), segmented by :func:`mskmri.segment.knee.segment_knee`; per-class Dice
+   and HD95 (mm) against the render's exact truth, group means, and the targets of issue 3;
+2. the CartiMorph template (the one real aligned image + label pair): Dice of femur, tibia,
+   femoral and tibial cartilage;
+3. the real knees (pyKNEEr DESS, the MESE T2 DICOM series, first echo): connected components
+   of femur / tibia / patella, class volumes (mL), overlay PNGs;
+4. inference time of a 160x384x384 volume with fp32, bf16 autocast and ONNX Runtime, label
+   agreement with fp32, peak memory, machine info and load.
+
+Run: ``.venv/bin/python benchmarks/knee_segmentation.py [--models DIR] [--subjects N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+FIGURES = RESULTS / "figures"
+
+#: In-plane matrix of the validation renders (160 x VAL_INPLANE^2 from an OAI map).
+VAL_INPLANE = 256
+#: Seed of the validation renders.
+VAL_SEED = 1234
+#: Effusion volume of the validation renders (mL).
+VAL_EFFUSION_ML = 15.0
+#: Issue-3 targets (mean Dice on held-out renders).
+TARGETS = {"bones": 0.95, "cartilage": 0.80, "menisci": 0.75}
+GROUPS = {
+    "bones": ("femur", "tibia", "patella", "fibula"),
+    "cartilage": ("femoral_cartilage", "medial_tibial_cartilage", "lateral_tibial_cartilage",
+                  "patellar_cartilage"),
+    "menisci": ("medial_meniscus", "lateral_meniscus"),
+}
+#: Agreement with fp32 needed to accept a faster mode (fraction of voxels).
+AGREEMENT_MIN = 0.995
+
+log = logging.getLogger("bench.knee")
+
+
+def _models(folder: str | None) -> tuple[str, str]:
+    from mskmri.segment.knee import COARSE_MODEL, FINE_MODEL
+
+    if folder is None:
+        return COARSE_MODEL, FINE_MODEL
+    return (str(Path(folder) / f"{COARSE_MODEL}.safetensors"),
+            str(Path(folder) / f"{FINE_MODEL}.safetensors"))
+
+
+def _per_class(pred: Any, truth: Any, hd: bool = True) -> dict[str, dict[str, Any]]:
+    from mskmri.evaluate.metrics import dice, hd95
+    from mskmri.labels import KNEE
+
+    out: dict[str, dict[str, Any]] = {}
+    for v, name in KNEE.items():
+        t = truth.array == v
+        if not t.any():
+            continue
+        p = pred.array == v
+        rec = {"dice": round(float(dice(p, t)), 4)}
+        if hd:
+            h = hd95(p, t, spacing=truth.spacing)
+            rec["hd95_mm"] = round(float(h), 2) if h.defined else None
+        out[name] = rec
+    return out
+
+
+def _group_means(per_class: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for g, names in GROUPS.items():
+        vals = [per_class[n]["dice"] for n in names if n in per_class]
+        out[g] = round(float(np.mean(vals)), 4) if vals else None
+    return out
+
+
+def held_out(seg: Any, subjects: int, contrasts: list[str]) -> dict[str, Any]:
+    """Per-class Dice/HD95 on renders of held-out subjects, one per contrast."""
+    from mskmri.segment.knee_train import subject_split
+    from mskmri.synth.render import render
+    from mskmri.synth.sources import load_knee_source, subject_of
+
+    split = subject_split()
+    firsts: dict[str, str] = {}
+    for p in split["val"]:
+        firsts.setdefault(subject_of(p), p)
+    chosen = [firsts[s] for s in sorted(firsts)][:subjects]
+    cases = []
+    for path in chosen:
+        src = load_knee_source(path)
+        for contrast in contrasts:
+            t0 = time.perf_counter()
+            r = render(src.labels, contrast=contrast, seed=VAL_SEED, lesions=src.lesions,
+                       extra=src.extra, effusion_ml=VAL_EFFUSION_ML, inplane=VAL_INPLANE)
+            res = seg.run(r.image)
+            # HD95 of a poor map is slow (scattered voxels): first contrast of each map only
+            pc = _per_class(res.labels, r.labels, hd=contrast == contrasts[0])
+            cases.append({"map": Path(path).name, "contrast": contrast,
+                          "shape": list(r.image.shape), "spacing_mm": [round(s, 4) for s in
+                                                                       r.image.spacing],
+                          "segment_s": round(res.timings_s["total_s"], 2),
+                          "warnings": res.warnings, "per_class": pc,
+                          "group_mean_dice": _group_means(pc)})
+            log.info("%s %s: %s (%.0f s)", Path(path).name, contrast,
+                     cases[-1]["group_mean_dice"], time.perf_counter() - t0)
+    names = sorted({n for c in cases for n in c["per_class"]})
+    mean_dice = {n: round(float(np.mean([c["per_class"][n]["dice"] for c in cases
+                                         if n in c["per_class"]])), 4) for n in names}
+    hds = {n: [c["per_class"][n].get("hd95_mm") for c in cases if n in c["per_class"]]
+           for n in names}
+    mean_hd = {n: (round(float(np.mean([v for v in vs if v is not None])), 2)
+                   if any(v is not None for v in vs) else None) for n, vs in hds.items()}
+    by_contrast = {c: _group_means({n: {"dice": float(np.mean(
+        [k["per_class"][n]["dice"] for k in cases if k["contrast"] == c and n in k["per_class"]]))}
+        for n in names if any(k["contrast"] == c and n in k["per_class"] for k in cases)})
+        for c in contrasts}
+    groups = _group_means({n: {"dice": d} for n, d in mean_dice.items()})
+    return {"subjects": [Path(p).name for p in chosen], "contrasts": contrasts,
+            "inplane": VAL_INPLANE, "seed": VAL_SEED, "effusion_ml": VAL_EFFUSION_ML,
+            "mean_dice": mean_dice, "mean_hd95_mm": mean_hd, "group_mean_dice": groups,
+            "group_mean_dice_by_contrast": by_contrast,
+            "targets": {g: {"target": t, "value": groups.get(g),
+                            "met": bool(groups.get(g) is not None and groups[g] >= t)}
+                        for g, t in TARGETS.items()},
+            "cases": cases}
+
+
+def cartimorph(seg: Any, data: Path) -> dict[str, Any]:
+    """Dice on the CartiMorph template (real aligned image + label)."""
+    from mskmri.io import read
+    from mskmri.synth.sources import load_knee_source
+
+    folder = data / "knee" / "cartimorph_template"
+    img = read(next(folder.glob("*template*")))
+    truth = load_knee_source(next(folder.glob("*segmentation*")), source="cartimorph").labels
+    res = seg.run(img)
+    pc = _per_class(res.labels, truth)
+    _figure(img, res.labels, "knee_seg_cartimorph.png")
+    return {"shape": list(img.shape), "per_class": pc, "warnings": res.warnings,
+            "note": "a smoothed population average (103 OAI-ZIB knees), not a raw scan"}
+
+
+def _components(labels: Any) -> dict[str, Any]:
+    from scipy import ndimage
+
+    from mskmri.labels import KNEE, KNEE_ID
+
+    vox_ml = labels.voxel_volume_mm3 / 1000.0
+    out: dict[str, Any] = {"volumes_ml": {}, "bones": {}}
+    counts = np.bincount(labels.array.ravel(), minlength=len(KNEE) + 1)
+    for v, name in KNEE.items():
+        out["volumes_ml"][name] = round(float(counts[v] * vox_ml), 2)
+    for name in ("femur", "tibia", "patella"):
+        m = labels.array == KNEE_ID[name]
+        lab, n = ndimage.label(m)
+        sizes = np.bincount(lab.ravel())[1:] if n else np.array([0])
+        out["bones"][name] = {"components": int(n), "largest_fraction": round(
+            float(sizes.max() / max(sizes.sum(), 1)), 4), "volume_ml": round(float(m.sum()
+                                                                                   * vox_ml), 2)}
+    out["one_connected_femur_tibia_patella"] = all(
+        b["components"] == 1 for b in out["bones"].values())
+    return out
+
+
+def _figure(image: Any, labels: Any, name: str) -> str:
+    from mskmri.report.figures import overlay_figure
+
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    png = overlay_figure(image, labels, plain_row=True, dpi=60)
+    (FIGURES / name).write_bytes(png)
+    return f"benchmarks/results/figures/{name}"
+
+
+def real_knees(seg: Any, data: Path) -> dict[str, Any]:
+    """Sanity on the two real knee images (no labels exist for them)."""
+    from mskmri.io import read
+
+    out = {}
+    cases = {"pykneer_dess": (data / "knee" / "pykneer_dess" / "sub01_DESS_echo01.nii.gz", {}),
+             "mese_t2_echo1": (data / "knee" / "pymskt_mese_t2_dicom", {"echo": 1})}
+    for name, (path, kw) in cases.items():
+        img = read(path, **kw)
+        res = seg.run(img)
+        rec = _components(res.labels)
+        rec.update({"shape": list(img.shape), "spacing_mm": [round(s, 4) for s in img.spacing],
+                    "warnings": res.warnings, "segment_s": round(res.timings_s["total_s"], 2),
+                    "figure": _figure(img, res.labels, f"knee_seg_{name}.png")})
+        out[name] = rec
+        log.info("%s: %s", name, rec["bones"])
+    return out
+
+
+def timing(models: tuple[str, str], threads: int) -> dict[str, Any]:
+    """fp32 vs bf16 vs ONNX on one 160x384x384 render; agreement with fp32."""
+    import torch
+
+    from mskmri.segment.knee import KneeSegmenter
+    from mskmri.segment.knee_train import subject_split
+    from mskmri.synth.render import render
+    from mskmri.synth.sources import load_knee_source
+
+    torch.set_num_threads(threads)
+    src = load_knee_source(subject_split()["val"][0])
+    img = render(src.labels, contrast="dess", seed=VAL_SEED, lesions=src.lesions,
+                 extra=src.extra, effusion_ml=VAL_EFFUSION_ML).image
+    out: dict[str, Any] = {"shape": list(img.shape), "threads": threads, "modes": {}}
+    ref = None
+    for mode, kw in (("fp32", {"precision": "fp32"}), ("bf16", {"precision": "bf16"}),
+                     ("onnx", {"backend": "onnx"})):
+        seg = KneeSegmenter(*models, **kw)
+        if mode == "onnx":
+            seg.run(img)  # warm-up: the ONNX export and session are built on first use
+        t0 = time.perf_counter()
+        res = seg.run(img)
+        dt = time.perf_counter() - t0
+        seg.close()
+        lab = res.labels.array
+        if ref is None:
+            ref = lab
+        agree = float((lab == ref).mean())
+        out["modes"][mode] = {"seconds": round(dt, 2), "agreement_with_fp32": round(agree, 5),
+                              "steps_s": {k: round(v, 2) for k, v in res.timings_s.items()},
+                              "load_average_1min": round(os.getloadavg()[0], 2)}
+        log.info("%s: %.1f s, agreement %.5f", mode, dt, agree)
+    ok = {m: r for m, r in out["modes"].items() if r["agreement_with_fp32"] >= AGREEMENT_MIN}
+    out["fastest_keeping_labels"] = min(ok, key=lambda m: ok[m]["seconds"])
+    out["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
+    out["target"] = {"seconds": 15, "peak_gb": 3}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", help="folder with knee-seg-coarse/fine.safetensors (default: "
+                    "the shipped models)")
+    ap.add_argument("--subjects", type=int, default=2, help="held-out subjects")
+    ap.add_argument("--contrasts", nargs="+",
+                    default=["dess", "iw-fs", "t1", "t2", "pd", "random"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["held_out", "cartimorph", "real",
+                                                               "timing"])
+    ap.add_argument("--out", default=str(RESULTS / "knee_segmentation.json"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    import torch
+
+    from mskmri.nn.registry import read_card, resolve_weights
+    from mskmri.paths import shared_data_dir
+    from mskmri.segment.knee import KneeSegmenter
+
+    torch.set_num_threads(args.threads)
+    data = Path(shared_data_dir())
+    models = _models(args.models)
+    cards = {}
+    for m in models:
+        path, _ = resolve_weights(m)
+        c = read_card(path)
+        cards[c.name] = {"sha256": c.sha256, "steps": c.extra.get("steps"),
+                         "validation": c.validation, "command": c.command}
+    seg = KneeSegmenter(*models)
+    result: dict[str, Any] = {
+        "schema": "mskmri/benchmark/knee-segmentation/1",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpus": os.cpu_count(), "python": sys.version.split()[0],
+                    "torch": torch.__version__, "threads": args.threads,
+                    "load_average_at_start": [round(v, 2) for v in os.getloadavg()]},
+        "caveat": ("2 CPU cores shared with other jobs (load average recorded); timings are "
+                   "upper bounds. The model is a FIRST short CPU training run, far from "
+                   "converged."),
+        "models": cards, "precision": seg.precision, "backend": seg.backend,
+    }
+    if "held_out" not in args.skip:
+        result["held_out_renders"] = held_out(seg, args.subjects, args.contrasts)
+    if "cartimorph" not in args.skip:
+        result["cartimorph_template"] = cartimorph(seg, data)
+    if "real" not in args.skip:
+        result["real_knees"] = real_knees(seg, data)
+    seg.close()
+    if "timing" not in args.skip:
+        result["timing_160x384x384"] = timing(models, args.threads)
+    from mskmri.io import atomic_write_json
+
+    atomic_write_json(args.out, result)
+    log.info("wrote %s", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
