@@ -545,10 +545,7 @@ def detect_bml_file(image_path: str | Path, out_path: str | Path, *,
                                 "--method inpaint")
     image = read(image_path)
     if seg_path is not None:
-        seg = read_labels(seg_path)
-        if seg.schema not in ("knee", None, ""):
-            raise BmlDetectionError(f"{seg_path} has label schema {seg.schema!r}; give a knee "
-                                    "label map (femur = 1)")
+        seg = read_labels(seg_path, schema="knee")
     else:
         seg = _segment_or_explain(image, device)
     painter: Painter
