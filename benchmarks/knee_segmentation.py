@@ -90,6 +90,10 @@ def _group_means(per_class: dict[str, dict[str, Any]]) -> dict[str, float | None
     return out
 
 
+def _target(target: float, value: float | None) -> dict[str, Any]:
+    return {"target": target, "value": value, "met": value is not None and value >= target}
+
+
 def held_out(seg: Any, subjects: int, contrasts: list[str]) -> dict[str, Any]:
     """Per-class Dice/HD95 on renders of held-out subjects, one per contrast."""
     from mskmri.segment.knee_train import subject_split
@@ -135,9 +139,7 @@ def held_out(seg: Any, subjects: int, contrasts: list[str]) -> dict[str, Any]:
             "inplane": VAL_INPLANE, "seed": VAL_SEED, "effusion_ml": VAL_EFFUSION_ML,
             "mean_dice": mean_dice, "mean_hd95_mm": mean_hd, "group_mean_dice": groups,
             "group_mean_dice_by_contrast": by_contrast,
-            "targets": {g: {"target": t, "value": groups.get(g),
-                            "met": bool(groups.get(g) is not None and groups[g] >= t)}
-                        for g, t in TARGETS.items()},
+            "targets": {g: _target(t, groups.get(g)) for g, t in TARGETS.items()},
             "cases": cases}
 
 
@@ -192,10 +194,11 @@ def real_knees(seg: Any, data: Path) -> dict[str, Any]:
     from mskmri.io import read
 
     out = {}
-    cases = {"pykneer_dess": (data / "knee" / "pykneer_dess" / "sub01_DESS_echo01.nii.gz", {}),
-             "mese_t2_echo1": (data / "knee" / "pymskt_mese_t2_dicom", {"echo": 1})}
-    for name, (path, kw) in cases.items():
-        img = read(path, **kw)
+    cases: dict[str, tuple[Path, int | None]] = {
+        "pykneer_dess": (data / "knee" / "pykneer_dess" / "sub01_DESS_echo01.nii.gz", None),
+        "mese_t2_echo1": (data / "knee" / "pymskt_mese_t2_dicom", 1)}
+    for name, (path, echo) in cases.items():
+        img = read(path, echo=echo)
         res = seg.run(img)
         rec = _components(res.labels)
         rec.update({"shape": list(img.shape), "spacing_mm": [round(s, 4) for s in img.spacing],
@@ -221,9 +224,9 @@ def timing(models: tuple[str, str], threads: int) -> dict[str, Any]:
                  extra=src.extra, effusion_ml=VAL_EFFUSION_ML).image
     out: dict[str, Any] = {"shape": list(img.shape), "threads": threads, "modes": {}}
     ref = None
-    for mode, kw in (("fp32", {"precision": "fp32"}), ("bf16", {"precision": "bf16"}),
-                     ("onnx", {"backend": "onnx"})):
-        seg = KneeSegmenter(*models, **kw)
+    for mode, precision, backend in (("fp32", "fp32", "torch"), ("bf16", "bf16", "torch"),
+                                     ("onnx", "fp32", "onnx")):
+        seg = KneeSegmenter(*models, precision=precision, backend=backend)
         if mode == "onnx":
             seg.run(img)  # warm-up: the ONNX export and session are built on first use
         t0 = time.perf_counter()
@@ -265,7 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     from mskmri.segment.knee import KneeSegmenter
 
     torch.set_num_threads(args.threads)
-    data = Path(shared_data_dir())
+    shared = shared_data_dir()
+    if shared is None:
+        raise SystemExit("shared data folder not found (set MSKMRI_SHARED_DATA)")
+    data = Path(shared)
     models = _models(args.models)
     cards = {}
     for m in models:

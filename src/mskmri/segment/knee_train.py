@@ -104,7 +104,11 @@ def knee_data_dir(root: str | os.PathLike[str] | None = None) -> Path:
     if root is None:
         from mskmri.paths import shared_data_dir
 
-        path = Path(shared_data_dir()) / "knee"
+        shared = shared_data_dir()
+        if shared is None:
+            raise KneeTrainError("the shared data folder was not found; pass --data DIR "
+                                 "pointing at shared/data/knee or set MSKMRI_SHARED_DATA")
+        path = shared / "knee"
     else:
         path = Path(root)
     if not (path / "oai_bone_lesion_labels").is_dir():
@@ -273,8 +277,8 @@ class RenderCache:
                 "coarse_spacing_mm": list(COARSE_SPACING_MM),
                 "fine_spacing_mm": list(FINE_SPACING_MM), "axes": CANONICAL_AXES}
         tmp = p.with_name(f".{p.stem}.{os.getpid()}.tmp.npz")
-        store = {k: (v.astype(np.float16) if v.dtype == np.float32 else v)
-                 for k, v in arrays.items()}
+        store: dict[str, Any] = {k: (v.astype(np.float16) if v.dtype == np.float32 else v)
+                                 for k, v in arrays.items()}
         np.savez(tmp, meta=np.array(json.dumps(meta)), **store)
         os.replace(tmp, p)
         return p
