@@ -74,7 +74,7 @@ def _per_class(pred: Any, truth: Any, hd: bool = True) -> dict[str, dict[str, An
         if not t.any():
             continue
         p = pred.array == v
-        rec = {"dice": round(float(dice(p, t)), 4)}
+        rec: dict[str, Any] = {"dice": round(float(dice(p, t)), 4)}
         if hd:
             h = hd95(p, t, spacing=truth.spacing)
             rec["hd95_mm"] = round(float(h), 2) if h.defined else None
