@@ -155,10 +155,15 @@ def display_meshes(
     voxel_mm : float
         Target voxel size (mm) of the block-averaged map (larger: fewer triangles, faster).
     """
+    import importlib.util
+
     factors = display_factors(seg, voxel_mm)
+    # smoothing needs trimesh (extra "mesh"); the views themselves do not, so without it
+    # they are drawn from unsmoothed surfaces rather than not at all
+    smoothing = DISPLAY_SMOOTHING_ITERATIONS if importlib.util.find_spec("trimesh") else 0
     names = [n for v, n in sorted(seg.labels.items()) if v != 0 and n not in set(hidden)]
     return structure_meshes(seg, structures=names, downsample=factors,
-                            smoothing_iterations=DISPLAY_SMOOTHING_ITERATIONS,
+                            smoothing_iterations=smoothing,
                             iso_level=DISPLAY_ISO_LEVEL)
 
 
