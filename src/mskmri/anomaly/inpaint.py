@@ -224,7 +224,7 @@ class BmlResult:
     mask : LabelVolume
         1 = bone marrow lesion (schema ``lesion``).
     zmap : Volume
-        Noise-normalised residual (0 outside the femur).
+        Smoothed noise-normalised residual inside the ROI (femur without rim; 0 elsewhere).
     uncertainty : Volume
         Std of the paintings across offsets (normalised intensity units).
     table : list of dict
@@ -448,13 +448,18 @@ def detect_bml(image: Volume, seg: LabelVolume, *, painter: Painter | None = Non
     ufull = np.zeros(arr.shape, dtype=np.float32)
     zfull[box] = np.where(fcrop, _zoom_to(z_w, crop.shape, order=1), 0.0)
     ufull[box] = np.where(fcrop, _zoom_to(spread_w, crop.shape, order=1), 0.0)
-    pp = postprocess(zfull, fem, sp, cfg.postprocess)
+    # post-process inside the crop (the margin keeps the femur away from its edges)
+    pp = postprocess(zfull[box], fcrop, sp, cfg.postprocess)
+    mask_full = np.zeros(arr.shape, dtype=np.uint8)
+    mask_full[box] = pp.mask
+    smooth_full = np.zeros(arr.shape, dtype=np.float32)
+    smooth_full[box] = pp.smoothed
     lateral_sign = _lateral_sign(seg_r)
     regions = femur_regions(fem, img_r.affine, lateral_sign=lateral_sign)
     if lateral_sign is None:
         warnings.append("no fibula in the segmentation: condyles are not split into medial "
                         "and lateral")
-    table = lesion_table(pp.mask, pp.smoothed, regions, sp, bone="femur")
+    table = lesion_table(mask_full, smooth_full, regions, sp, bone="femur")
     record = {
         "method": "inpaint", "painting": "2-D sagittal slices",
         "config": cfg.to_dict(), "cell_px": cell_px, "inplane_work_mm": inplane_mm,
@@ -466,11 +471,11 @@ def detect_bml(image: Volume, seg: LabelVolume, *, painter: Painter | None = Non
     }
     from mskmri.labels import LESION
 
-    mask_r = LabelVolume(pp.mask, img_r.affine, dict(LESION), schema="lesion",
+    mask_r = LabelVolume(mask_full, img_r.affine, dict(LESION), schema="lesion",
                          meta={"bml_detection": record, "warnings": list(warnings)})
     mask = mask_r.reorient(orig_codes)
     assert isinstance(mask, LabelVolume)
-    zmap = img_r.with_array(pp.smoothed).reorient(orig_codes)
+    zmap = img_r.with_array(smooth_full).reorient(orig_codes)
     unc = img_r.with_array(ufull).reorient(orig_codes)
     for w in warnings:
         log.warning("%s", w)
