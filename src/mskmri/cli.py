@@ -441,7 +441,10 @@ def _run_segment_knee(args: argparse.Namespace) -> int:
     """``mskmri segment knee IMAGE OUT``: 17 knee classes, coarse-to-fine, with a sidecar."""
     from mskmri.segment.knee import segment_knee_file
 
-    labels = segment_knee_file(args.image, args.out, model=args.model, device=args.device)
+    echo = getattr(args, "echo", None)
+    labels = segment_knee_file(args.image, args.out, model=args.model, device=args.device,
+                               series=getattr(args, "series", None),
+                               echo=int(echo) if echo is not None and echo.is_integer() else echo)
     log.info("wrote %s (%d structures)", args.out, len(labels.present_values()))
     for warning in labels.meta.get("warnings", []):
         log.warning("%s", warning)
@@ -469,6 +472,9 @@ def _add_segment(sub: Any) -> None:
     p.add_argument("--model", default=None, help="model name or *.safetensors (default: the "
                    "shipped model of ANATOMY, e.g. spine-seg)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    p.add_argument("--series", default=None, help="DICOM series of IMAGE (folder input)")
+    p.add_argument("--echo", type=float, default=None, metavar="TE_MS_OR_NUMBER",
+                   help="echo of a multi-echo DICOM series (TE in ms or echo number)")
     p.set_defaults(run=_run_segment)
 
 

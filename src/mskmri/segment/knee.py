@@ -414,12 +414,14 @@ def _models_of(model: str | None) -> tuple[str, str]:
 
 def segment_knee_file(image_path: str | os.PathLike[str], out_path: str | os.PathLike[str], *,
                       model: str | None = None, device: str = "cpu",
+                      series: str | None = None, echo: float | int | None = None,
                       precision: str = DEFAULT_PRECISION,
                       backend: str = DEFAULT_BACKEND) -> LabelVolume:
     """Read an image (file or DICOM folder), segment it and write the label map atomically.
 
     The sidecar (``OUT`` with ``.json``) holds the label names plus a ``"segmentation"``
-    record: models, precision, region (RAS mm), timings and warnings.
+    record: models, precision, region (RAS mm), timings and warnings. ``series`` and
+    ``echo`` choose one stack of a DICOM folder (see :func:`mskmri.io.read`).
 
     Returns
     -------
@@ -428,7 +430,7 @@ def segment_knee_file(image_path: str | os.PathLike[str], out_path: str | os.Pat
     """
     from mskmri.io import atomic_write_json, read, sidecar_path, write
 
-    image = read(image_path)
+    image = read(image_path, series=series, echo=echo)
     coarse, fine = _models_of(model)
     labels = segment_knee(image, coarse=coarse, fine=fine, precision=precision,
                           backend=backend, device=device)
