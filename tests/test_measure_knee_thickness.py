@@ -172,3 +172,23 @@ def test_effusion_ellipsoid_and_muscle_meniscus_volumes(rng):
     assert by["volume.muscle"].value == pytest.approx(360 * vox_ml, rel=1e-6)
     assert by["volume.medial_meniscus"].value == pytest.approx(48 * vox_ml, rel=1e-6)
     assert "volume.lateral_meniscus" not in by  # absent: no entry, not 0 mL
+
+
+def test_real_oai_label_map_thickness_is_plausible(shared_data):
+    """One real OAI map (160x384x384, 0.7x0.36x0.36 mm): thicknesses in the range the
+    literature reports for adult knees (means about 1.5-3 mm; no value above 8 mm)."""
+    from mskmri.synth.sources import load_knee_source
+
+    path = shared_data / "knee" / "oai_bone_lesion_labels" / "akoa_9031930_00m.nii.gz"
+    seg = load_knee_source(path).labels
+    ms, warnings = cartilage_thickness_measurements(seg)
+    assert warnings == []
+    by = {m.key: m.value for m in ms}
+    for plate in ("femoral_cartilage", "medial_tibial_cartilage", "lateral_tibial_cartilage",
+                  "patellar_cartilage"):
+        assert 1.0 < by[f"thickness_mean.{plate}"] < 3.5, plate
+        assert by[f"thickness_mean.{plate}"] < by[f"thickness_max.{plate}"] < 8.0, plate
+    # the same in another storage orientation (world-mm distances)
+    other, _ = cartilage_thickness_measurements(seg.reorient("PIR"))  # type: ignore[arg-type]
+    for m in other:
+        assert m.value == pytest.approx(by[m.key], rel=1e-9)
