@@ -93,14 +93,18 @@ def _volumes(r: dict[str, Any], contrast: str) -> tuple[Any, Any, Any]:
     return img, seg, les
 
 
-def _painters(model: str) -> dict[str, Any]:
+def _painters(model: str, methods: list[str]) -> dict[str, Any]:
     from mskmri.anomaly.inpaint import LocalMeanPainter, NetworkPainter
+    from mskmri.errors import MskMriError
 
-    out: dict[str, Any] = {"local-mean-stub": LocalMeanPainter()}
-    try:
-        out["inpaint-ffc"] = NetworkPainter(model)
-    except Exception as exc:  # noqa: BLE001 - the benchmark reports what is missing
-        log.warning("no inpainting model (%s): only the stub is evaluated", exc)
+    out: dict[str, Any] = {}
+    if "stub" in methods:
+        out["local-mean-stub"] = LocalMeanPainter()
+    if "inpaint" in methods:
+        try:
+            out["inpaint-ffc"] = NetworkPainter(model)
+        except MskMriError as exc:
+            log.warning("no inpainting model (%s): it is not evaluated", exc)
     return out
 
 
@@ -133,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=Path("/tmp/mskmri-bml-cache"))
     ap.add_argument("--model", default="bml-inpaint")
     ap.add_argument("--out", type=Path, default=RESULT)
+    ap.add_argument("--methods", nargs="+", choices=["inpaint", "stub"],
+                    default=["inpaint", "stub"])
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(1)
@@ -174,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.render_only:
         return 0
 
-    painters = _painters(args.model)
+    painters = _painters(args.model, args.methods)
     results: dict[str, Any] = {}
     for name, painter in painters.items():
         # calibration on validation subjects
@@ -204,11 +210,14 @@ def main(argv: list[str] | None = None) -> int:
             log.info("%s %s %s %s %d: dice %s, pred %.3f mL truth %.3f mL (%.0f s)", name,
                      kind, Path(p).name, c, ip, ev["overlap_in_femur"]["dice"],
                      ev["pred_ml"], ev["truth_ml"], secs)
-        results[name] = {"threshold_z": level, "cases": per_case,
+        results[name] = {"painter": getattr(painter, "card", None) or type(painter).__name__,
+                         "threshold_z": level, "calibration_fpr": CALIBRATION_FPR,
+                         "cases": per_case,
                          "summary": _summarise(per_case)}
     doc = {
         "schema": "mskmri/benchmark/bml/1",
-        "command": "python benchmarks/bml.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python", "benchmarks/bml.py", *(argv if argv is not None
+                                                              else sys.argv[1:])]),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs (shared, loaded), "
                    f"python {platform.python_version()}, torch {torch.__version__} CPU 1 thread",
