@@ -5,8 +5,9 @@ Held-out data: the OAI lesion label maps of the *test* subjects of
 rendered by :mod:`mskmri.synth` (so the femur used as ROI is the render's truth femur until a
 knee segmenter is shipped). Three sets:
 
-- ``real``: test maps that have femoral lesion labels (label 7), rendered with those lesions
-  (real lesion shapes; all of them are small, < 0.1 mL);
+- ``real``: test maps that have femoral lesion labels (label 7), rendered with their lesions
+  (real lesion shapes; the femoral ones are all small, < 0.1 mL). Truth = lesion voxels
+  inside the femur (tibial and patellar lesions are outside the detector's ROI);
 - ``inserted``: lesion-free test maps with femoral BMLs of :data:`INSERTED_ML` inserted by the
   synthesiser (covers the size strata; note that this is our own renderer's lesion model);
 - ``free``: lesion-free test maps (false-positive volume).
@@ -203,7 +204,10 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             res = detect_bml(img, seg, painter=painter, threshold=level)
             secs = time.perf_counter() - t0
-            ev = _evaluate(res.mask.array, les.array, seg.array == 1, img.spacing)
+            # femoral lesions only (tibial/patellar ones are outside the detector's ROI)
+            femur = seg.array == 1
+            truth = ((les.array > 0) & femur).astype(np.uint8)
+            ev = _evaluate(res.mask.array, truth, femur, img.spacing)
             per_case.append({"set": kind, "map": Path(p).name, "contrast": c, "inplane": ip,
                              "shape": list(img.shape), "seconds": round(secs, 1),
                              "warnings": res.warnings, **ev})
