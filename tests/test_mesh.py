@@ -134,6 +134,14 @@ def test_knee_side_and_views(rng):
     mirrored = LabelVolume(a, np.diag([-1.0, 1.0, 1.0, 1.0]), dict(KNEE), schema="knee")
     assert knee_side(mirrored) == "left"
     assert [v.name for v in knee_views(None)] == ["anterior", "right", "left"]
+    # without a fibula the tibial plates tell: lateral plate at lower x = a left knee
+    b = a.copy()
+    b[b == 4] = 0
+    b[10:14, 10:20, 28] = 7  # lateral tibial cartilage
+    b[16:20, 10:20, 28] = 6  # medial tibial cartilage
+    assert knee_side(LabelVolume(b, seg.affine, dict(KNEE), schema="knee")) == "left"
+    b[b == 7] = 0
+    assert knee_side(LabelVolume(b, seg.affine, dict(KNEE), schema="knee")) is None
     per_view, combined, views = render_knee_views(seg)
     assert [v.name for v in views] == ["anterior", "lateral", "medial"]
     assert set(per_view) == {"anterior", "lateral", "medial"}

@@ -19,9 +19,9 @@ lateral     towards the midline from the lateral side    anterior (right knee)
 medial      towards the lateral side from the midline    posterior (right knee)
 ==========  ===========================================  ===========================
 
-Which side is lateral comes from the fibula (it lies lateral to the tibia). Without a fibula
-the side is unknown, and the two side views are called "from the right" and "from the left"
-instead of lateral/medial.
+Which side is lateral comes from the fibula (it lies lateral to the tibia), else from the
+lateral and medial tibial cartilage or menisci (:func:`knee_side`). When none of them tells,
+the two side views are called "from the right" and "from the left" instead.
 
 For speed, meshes for display are built from the label map block-averaged to about
 :data:`DISPLAY_VOXEL_MM` (see :func:`display_meshes`).
@@ -98,21 +98,35 @@ class View:
     title: str
 
 
-def knee_side(seg: LabelVolume) -> str | None:
-    """``"right"`` or ``"left"`` knee from where the fibula lies; None when it cannot tell.
+#: (lateral, medial) structure pairs whose centroids tell the knee's side, in order of trust.
+SIDE_MARKERS: tuple[tuple[str, str], ...] = (
+    ("fibula", "tibia"),  # the fibula lies lateral to the tibia
+    ("lateral_tibial_cartilage", "medial_tibial_cartilage"),
+    ("lateral_meniscus", "medial_meniscus"),
+)
 
-    The fibula is lateral to the tibia: on the patient's right (+x, RAS+) in a right knee.
+#: Smallest left-right offset (mm) between two markers for the side to count as known.
+SIDE_MIN_OFFSET_MM: Final = 1.0
+
+
+def knee_side(seg: LabelVolume) -> str | None:
+    """``"right"`` or ``"left"`` knee; None when the label map cannot tell.
+
+    The lateral structure of the first pair of :data:`SIDE_MARKERS` present (fibula vs tibia,
+    else lateral vs medial tibial cartilage, else the menisci) lies on the patient's right
+    (+x, RAS+) in a right knee.
     """
-    fib, tib = KNEE_ID["fibula"], KNEE_ID["tibia"]
     present = set(seg.present_values())
-    if fib not in present or tib not in present:
-        return None
-    cf = seg.voxel_to_world(np.argwhere(seg.array == fib).mean(axis=0, keepdims=True))[0]
-    ct = seg.voxel_to_world(np.argwhere(seg.array == tib).mean(axis=0, keepdims=True))[0]
-    dx = float(cf[0] - ct[0])
-    if abs(dx) < 1.0:  # mm: too close to tell
-        return None
-    return "right" if dx > 0 else "left"
+    for lateral, medial in SIDE_MARKERS:
+        a, b = KNEE_ID[lateral], KNEE_ID[medial]
+        if a not in present or b not in present:
+            continue
+        ca = seg.voxel_to_world(np.argwhere(seg.array == a).mean(axis=0, keepdims=True))[0]
+        cb = seg.voxel_to_world(np.argwhere(seg.array == b).mean(axis=0, keepdims=True))[0]
+        dx = float(ca[0] - cb[0])
+        if abs(dx) >= SIDE_MIN_OFFSET_MM:
+            return "right" if dx > 0 else "left"
+    return None
 
 
 def knee_views(side: str | None) -> list[View]:
