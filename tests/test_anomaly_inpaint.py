@@ -159,3 +159,18 @@ def test_cli_bad_input_exit_2(knee: tuple[Volume, LabelVolume, LabelVolume],
     assert main([*args, "--seg", str(tmp_path / "empty.nii.gz"), "--method", "mkd"]) == 2
     assert main([*args, "--seg", str(tmp_path / "missing.nii.gz")]) == 2
     assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_cli_without_seg_and_without_knee_model_says_so(
+        knee: tuple[Volume, LabelVolume, LabelVolume], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from mskmri.io import write
+    from mskmri.weights import MODELS
+
+    if "knee-seg-fine" in MODELS:
+        pytest.skip("a knee model is shipped: --seg is optional")
+    write(knee[0], tmp_path / "img.nii.gz")
+    rc = main(["detect", "bml", str(tmp_path / "img.nii.gz"), str(tmp_path / "o.nii.gz"),
+               "--model", "local-mean"])
+    assert rc == 2
+    assert "--seg" in capsys.readouterr().err
