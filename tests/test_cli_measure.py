@@ -131,3 +131,16 @@ def test_wrong_grid_and_missing_file_exit_2(tmp_path, rng, capsys):
                             str(out)], out, "does not exist")
     _assert_exit_2(capsys, ["measure", "spine-ish", str(tmp_path / "seg.nii.gz"), "--json",
                             str(out)], out, "invalid choice")
+
+
+def test_measure_knee_refuses_a_2d_label_map(tmp_path, capsys):
+    path = tmp_path / "slice.nii.gz"
+    arr = np.zeros((20, 20), np.uint8)
+    arr[5:15, 5:10] = 1
+    arr[5:15, 10:15] = 2
+    nib.save(nib.Nifti1Image(arr, np.diag([0.5, 0.5, 3.0, 1.0])), path)
+    out = tmp_path / "m.json"
+    assert main(["measure", "knee", str(path), "--json", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "2-D" in err[0]
+    assert not out.exists()

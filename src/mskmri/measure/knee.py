@@ -446,6 +446,7 @@ _STEPS: list[Step] = [_volume_step, _thickness_step, _lesion_step]
 
 def _check_inputs(seg: LabelVolume, image: Volume | None, lesions: LabelVolume | None) -> None:
     seg.require_geometry("a knee measurement")
+    seg.require_3d("knee measurements (volumes in mL, thickness in 3-D)")
     check_knee_labels(seg)
     if image is not None and not seg.same_geometry(image):
         raise GeometryError(
