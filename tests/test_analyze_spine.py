@@ -88,6 +88,7 @@ def test_bad_input_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert (other / "keep.txt").exists()
 
 
+@pytest.mark.slow  # about 45 s on 2 shared cores; the benchmark records all held-out exams
 @pytest.mark.skipif("spine-seg" not in MODELS, reason="spine-seg weights not shipped yet")
 def test_end_to_end_from_image(shared_data: Path, tmp_path: Path) -> None:
     """From the image alone (shipped model) on a held-out exam: bodies found and measured,
