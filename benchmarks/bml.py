@@ -38,6 +38,7 @@ import logging  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import zlib  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -154,10 +155,9 @@ def main(argv: list[str] | None = None) -> int:
 
     test = sorted(split["test"])
     with_lesion = [p for p in test if femoral_lesion_voxels(p) > 0]
-    free = [p for p in test if femoral_lesion_voxels(p) == 0 and
-            not np.any(np.isin(np.asarray(nib.load(p).dataobj), (7, 8, 9)))]
-    val_free = [p for p in sorted(split["val"]) if not np.any(
-        np.isin(np.asarray(nib.load(p).dataobj), (7, 8, 9)))]
+    # maps without femoral lesions are rendered with no lesion at all (a lesion-free knee)
+    free = [p for p in test if femoral_lesion_voxels(p) == 0]
+    val_free = [p for p in sorted(split["val"]) if femoral_lesion_voxels(p) == 0]
     n = 1 if args.quick else 2
     # (set, path, contrast, inplane)
     cases: list[tuple[str, str, str, int]] = []
@@ -173,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def rendered(kind: str, p: str, contrast: str, ip: int, i: int) -> dict[str, Any]:
         les = {"real": "real", "inserted": "inserted"}.get(kind, "none")
-        return _render(p, contrast=contrast, inplane=ip, lesions=les, seed=SEED + i,
+        # the seed depends on the case, not on its position in the list
+        seed = SEED + zlib.crc32(f"{Path(p).name}/{contrast}/{ip}/{les}".encode()) % 100_000
+        return _render(p, contrast=contrast, inplane=ip, lesions=les, seed=seed,
                        cache=args.cache)
 
     for i, (kind, p, c, ip) in enumerate(calib + cases):
