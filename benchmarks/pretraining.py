@@ -83,10 +83,10 @@ EXTRA_PRETRAIN = ("spine/ivd_discs/exam11_img.nii.gz", "spine/sct/sct_tutorial_d
 FEATURES = (8, 16, 32, 64)
 PATCH = 96
 SEEDS = (0, 1, 2)
-FT_STEPS = 300
+FT_STEPS = 150
 FT_BATCH = 8
 FT_LR = 1e-3
-PT_STEPS = 2000
+PT_STEPS = 1000
 PT_BATCH = 8
 PT_LR = 1e-3
 
@@ -266,6 +266,7 @@ def _figure(doc: dict[str, Any], path: Path) -> None:
             for xi, v in zip(x, vals, strict=True):
                 ax.scatter([xi] * len(v), v, s=8, color=colour, alpha=0.5)
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(x)
         ax.set_xticklabels([str(v) for v in x])
         ax.set_xlabel("labelled volumes")

@@ -47,3 +47,19 @@ def test_evaluation_volumes_never_trained_or_pretrained_on(doc: dict) -> None:
     assert {p for p in spine["pretraining_images"] if p.startswith(("myosegmentum/",
                                                                      "chu2015/"))} \
         == set(spine["train_pool"])
+
+
+def test_shipped_encoder_loads_into_the_experiment_network() -> None:
+    pytest.importorskip("torch")
+    from mskmri.nn.registry import load_model, resolve_weights
+    from mskmri.weights import MODELS
+
+    assert "pretrain-encoder-2d" in MODELS
+    path, _ = resolve_weights("pretrain-encoder-2d")
+    assert path.stat().st_size < 5_000_000
+    enc, card = load_model("pretrain-encoder-2d")
+    assert card.task == "pretrain" and card.architecture == "unet-encoder"
+    assert card.extra["pretraining"] == "2-D"
+    # No evaluation exam of the vertebral-body task was pretrained on.
+    names = " ".join(d["name"] for d in card.training_data)
+    assert not any(e in names for e in card.extra["spine_eval_excluded"])

@@ -49,4 +49,9 @@ class ModelEntry:
 #: Public model name -> entry. Filled by the issues that train and ship each model.
 MODELS: dict[str, ModelEntry] = {}
 
+MODELS["pretrain-encoder-2d"] = ModelEntry(
+    "pretrain-encoder-2d.safetensors", "pretrain",
+    "2-D U-Net encoder (8-64 channels, 4 levels) pretrained by distortion restoration on "
+    "real spine/knee slices and knee renders (benchmarks/pretraining.py); MKD teacher, --init")
+
 __all__ = ["MODELS", "MODEL_SIZE_BUDGET_MB", "TOTAL_SIZE_BUDGET_MB", "WEIGHTS_DIR", "ModelEntry"]
