@@ -47,7 +47,14 @@ class ModelEntry:
 
 
 #: Public model name -> entry. Filled by the issues that train and ship each model.
-MODELS: dict[str, ModelEntry] = {}
+MODELS: dict[str, ModelEntry] = {
+    "knee-seg-coarse": ModelEntry(
+        "knee-seg-coarse.safetensors", "knee-seg",
+        "knee: coarse 3-D U-Net at 2 mm (finds the knee region; first short CPU training)"),
+    "knee-seg-fine": ModelEntry(
+        "knee-seg-fine.safetensors", "knee-seg",
+        "knee: fine 3-D U-Net at 0.8 mm, 17 classes (first short CPU training)"),
+}
 
 MODELS["pretrain-encoder-2d"] = ModelEntry(
     "pretrain-encoder-2d.safetensors", "pretrain",
