@@ -61,4 +61,9 @@ MODELS["pretrain-encoder-2d"] = ModelEntry(
     "2-D U-Net encoder (8-64 channels, 4 levels) pretrained by distortion restoration on "
     "real spine/knee slices and knee renders (benchmarks/pretraining.py); MKD teacher, --init")
 
+MODELS["bml-inpaint"] = ModelEntry(
+    "bml-inpaint.safetensors", "inpaint",
+    "2-D FFC (LaMa-style) inpainter of healthy femoral marrow for BML detection (first small "
+    "CPU training, 3000 steps on 8 lesion-free renders)")
+
 __all__ = ["MODELS", "MODEL_SIZE_BUDGET_MB", "TOTAL_SIZE_BUDGET_MB", "WEIGHTS_DIR", "ModelEntry"]
