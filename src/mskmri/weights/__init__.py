@@ -66,4 +66,9 @@ MODELS["bml-inpaint"] = ModelEntry(
     "2-D FFC (LaMa-style) inpainter of healthy femoral marrow for BML detection (first small "
     "CPU training, 3000 steps on 8 lesion-free renders)")
 
+MODELS["spine-seg"] = ModelEntry(
+    "spine-seg.safetensors", "spine-seg",
+    "2-D U-Net: vertebral bodies and sacrum (S1) on sagittal spine MRI, T1/T2 (real "
+    "MyoSegmenTUM + Chu exams; CPU training, 1800 steps)")
+
 __all__ = ["MODELS", "MODEL_SIZE_BUDGET_MB", "TOTAL_SIZE_BUDGET_MB", "WEIGHTS_DIR", "ModelEntry"]
