@@ -156,7 +156,7 @@ def test_subject_split_keeps_time_points_together(shared_data: Path) -> None:
 def test_stitching_returns_the_input_geometry_for_an_oblique_anisotropic_image() -> None:
     image, mask = _cube_image((36, 40, 30), (1.6, 1.3, 2.4))
     assert image.orientation != ("R", "A", "S")
-    seg = K.KneeSegmenter(ThresholdNet(), ThresholdNet(), precision="fp32")
+    seg = K.KneeSegmenter(ThresholdNet(), ThresholdNet(), precision="fp32", backend="torch")
     res = seg.run(image)
     lab = res.labels
     assert isinstance(lab, LabelVolume) and lab.schema == "knee"
@@ -176,7 +176,7 @@ def test_stitching_returns_the_input_geometry_for_an_oblique_anisotropic_image()
 
 def test_no_knee_found_is_a_warning_in_the_output_meta() -> None:
     image, _ = _cube_image((30, 30, 30), (1.5, 1.5, 1.5), side_mm=6.0)  # 0.2 mL bright cube
-    seg = K.KneeSegmenter(ThresholdNet(), ThresholdNet(), precision="fp32")
+    seg = K.KneeSegmenter(ThresholdNet(), ThresholdNet(), precision="fp32", backend="torch")
     res = seg.run(image)
     assert any("no knee found" in w for w in res.warnings)
     assert res.labels.meta["warnings"] == res.warnings
@@ -185,10 +185,10 @@ def test_no_knee_found_is_a_warning_in_the_output_meta() -> None:
 def test_two_d_and_label_inputs_are_refused() -> None:
     flat = Volume(np.ones((1, 64, 64), np.float32), np.eye(4))
     with pytest.raises(K.KneeSegmentationError, match="2-D"):
-        K.segment_knee(flat, coarse=ThresholdNet(), fine=ThresholdNet())
+        K.segment_knee(flat, coarse=ThresholdNet(), fine=ThresholdNet(), backend="torch")
     lab = LabelVolume(np.ones((8, 8, 8), np.uint8), np.eye(4), {1: "femur"})
     with pytest.raises(K.KneeSegmentationError, match="label map"):
-        K.segment_knee(lab, coarse=ThresholdNet(), fine=ThresholdNet())
+        K.segment_knee(lab, coarse=ThresholdNet(), fine=ThresholdNet(), backend="torch")
 
 
 def test_normalise_intensity_maps_percentiles_to_0_and_1() -> None:
@@ -208,7 +208,8 @@ def _shipped() -> bool:
 
 
 @pytest.mark.skipif(not _shipped(), reason="knee-seg weights are not shipped in this checkout")
-def test_cli_segments_the_phantom_with_the_shipped_weights(tmp_path: Path) -> None:
+def test_cli_segments_the_phantom_with_the_shipped_weights(tmp_path: Path,
+                                                          monkeypatch: Any) -> None:
     from mskmri.cli import main
     from mskmri.io import read_labels, write
     from mskmri.synth.phantom import phantom_knee
@@ -221,7 +222,10 @@ def test_cli_segments_the_phantom_with_the_shipped_weights(tmp_path: Path) -> No
     src = tmp_path / "phantom.nii.gz"
     write(img, src)
     out = tmp_path / "seg.nii.gz"
+    monkeypatch.setenv("MSKMRI_CACHE_DIR", str(tmp_path / "cache"))
     assert main(["segment", "knee", str(src), str(out)]) == 0
+    # the default backend is ONNX Runtime, exported once per weight file into the cache
+    assert len(list((tmp_path / "cache" / "onnx").glob("knee-seg-*.onnx"))) == 2
     lab = read_labels(out, schema="knee", labels=KNEE)
     assert lab.shape == img.shape and np.allclose(lab.affine, img.affine, atol=1e-4)
     assert set(lab.present_values()) <= set(KNEE)
