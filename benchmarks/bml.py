@@ -21,7 +21,7 @@ Usage::
 
     .venv/bin/python benchmarks/bml.py [--quick] [--render-only] [--cache DIR]
 
-writes ``benchmarks/results/bml.json``. Renders are cached (``--cache``, default
+writes ``benchmarks/results/bml.json`` and ``figures/bml_dice_by_size.png``. Renders are cached (``--cache``, default
 ``/tmp/mskmri-bml-cache``) so a rerun only detects.
 """
 
@@ -236,16 +236,77 @@ def main(argv: list[str] | None = None) -> int:
         "methods": results,
         "not_run": ["MKD baseline (not implemented yet)",
                     "in-plane 112", "DESS at 448", "most test subjects (small subset only)"],
-        "targets": {"dice_448_iwfs_ge_0.60": "not evaluated on enough data; see summary",
-                    "inpaint_ge_2x_mkd": "not evaluated (no MKD)",
-                    "fp_lesion_free_lt_0.5_ml": "see summary.free_fp_ml"},
+        "targets": _targets(results),
+        "notes": ("Small first run on a loaded 2-core CPU: 2 knees per set, one render each. "
+                  "The ROI is the render's truth femur. 'inserted' lesions come from our own "
+                  "renderer's lesion model (the detector was not tuned on them, but the "
+                  "issue's external check uses another synthesis); 'real' femoral OAI "
+                  "lesions of the test subjects are all < 0.1 mL. No MKD yet, so the 2x-MKD "
+                  "target is not evaluated. Thresholds: calibrated per method on lesion-free "
+                  "validation renders at the stated voxel FPR."),
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     from mskmri.io import atomic_write_json
 
     atomic_write_json(args.out, doc)
+    _figure(results, args.out.parent / "figures" / "bml_dice_by_size.png")
     log.info("wrote %s", args.out)
     return 0
+
+
+def _targets(results: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets as far as this run can say (None: not evaluated)."""
+    ffc = results.get("inpaint-ffc", {}).get("summary", {})
+
+    def get(key: str, field: str) -> Any:
+        return ffc.get(key, {}).get(field)
+
+    return {
+        "dice_ge_0.60_at_448_iwfs": {
+            "inserted": get("inserted/iw-fs/448", "dice_mean"),
+            "real_small": get("real/iw-fs/448", "dice_mean"),
+            "met": None, "why": "2 knees per set; not a verdict"},
+        "inpaint_ge_2x_mkd_dice_and_iou": {"met": None, "why": "MKD not implemented yet"},
+        "fp_lt_0.5_ml_on_lesion_free": {"fp_ml_mean": get("free/iw-fs/224", "fp_ml_mean"),
+                                         "n": get("free/iw-fs/224", "n")},
+        "detect_le_20_s_per_knee": {"seconds_448": [
+            c["seconds"] for c in results.get("inpaint-ffc", {}).get("cases", [])
+            if c["inplane"] == 448],
+            "why": "160x448x448 renders; loaded shared CPU, 1 torch thread"},
+    }
+
+
+def _figure(results: dict[str, Any], path: Path) -> None:
+    """Lesion-wise Dice (neighbourhood) by true-lesion size stratum, per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    names = None
+    for method, res in results.items():
+        per: dict[str, list[float]] = {}
+        for c in res["cases"]:
+            if c["contrast"] != "iw-fs":
+                continue
+            for s in c["lesions"]["strata"]:
+                v = s["dice_mean"]["value"]
+                if v is not None and s["n_truth"]["value"]:
+                    per.setdefault(s["stratum"], []).append(float(v))
+        names = [s["stratum"] for s in res["cases"][0]["lesions"]["strata"]]
+        ys = [float(np.mean(per[n])) if n in per else np.nan for n in names]
+        ax.plot(range(len(names)), ys, "o-", label=method)
+    if names:
+        ax.set_xticks(range(len(names)), [f"{n} mL" for n in names])
+    ax.set_ylabel("lesion Dice (IW-FS, all resolutions)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title("BML detection: Dice by lesion size (small subset)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _summarise(cases: list[dict[str, Any]]) -> dict[str, Any]:
