@@ -171,11 +171,15 @@ def test_cli_bad_input_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_shipped_model_on_held_out_exam(shared_data: Path, tmp_path: Path,
                                         rng: np.random.Generator) -> None:
     """The shipped model on a held-out MyoSegmenTUM exam stored in another orientation:
-    output on the input grid, bodies found with Dice >= 0.85 in the labelled band."""
+    output on the input grid, bodies found with Dice >= 0.85 in the labelled band (central
+    slices, where the bodies are fully in view)."""
     from mskmri.io import read, read_labels, write
 
     img_p, gt_p = sd.exam_paths(shared_data, "myosegmentum", sd.SPLIT["test"]["myosegmentum"][0])
-    image, gt = read(img_p), read_labels(gt_p, strict=False)
+    # the 24 central sagittal slices (axis 2 is L-R in this data set), to keep the test fast
+    crop = (slice(None), slice(None), slice(26, 50))
+    image, gt = read(img_p).crop(crop), read_labels(gt_p, strict=False).crop(crop)
+    assert isinstance(gt, LabelVolume)
     stored = image.reorient("PSL")  # not the storage of the training data
     src = tmp_path / "img.nii.gz"
     write(stored, src)

@@ -59,11 +59,13 @@ NET_CONFIG: dict[str, Any] = {"spatial_dims": 2, "in_channels": 1, "out_channels
 #: Licences of the training data (for the model card).
 TRAINING_DATA: list[dict[str, Any]] = [
     {"name": "MyoSegmenTUM spine (Burian et al., BMC Musculoskelet Disord 2019), via "
-             "FastCleverSeg (Ramos et al., MRI 2024)", "licence": "CC BY 4.0 (data); "
-             "GPL-3.0 (FastCleverSeg conversion repository)",
+             "FastCleverSeg (Ramos et al., MRI 2024)", "licence": "GPL-3.0 (FastCleverSeg "
+             "repository that distributes the converted data); original data licence: see "
+             "the dataset's publication (not re-verified here)",
      "n": len(sd.SPLIT["train"]["myosegmentum"]), "notes": "L1-L5 bodies labelled"},
     {"name": "Chu et al., PLoS ONE 2015 lumbar MRI, via FastCleverSeg", "licence":
-     "CC BY 4.0 (data); GPL-3.0 (FastCleverSeg conversion repository)",
+     "GPL-3.0 (FastCleverSeg repository that distributes the converted data); original data "
+     "licence: see the dataset's publication (not re-verified here)",
      "n": len(sd.SPLIT["train"]["chu2015"]), "notes": "T10-S1 bodies; S1 used as sacrum class"},
 ]
 
