@@ -28,7 +28,7 @@ from mskmri.volume import LabelVolume, Volume  # noqa: E402
 FAKE_SOURCES = ["/nonexistent/akoa_1_00m.nii.gz", "/nonexistent/akoa_1_12m.nii.gz"]
 
 
-class ThresholdNet(torch.nn.Module):
+class ThresholdNet(torch.nn.Module):  # type: ignore[name-defined]
     """Logits: class 1 (femur) where the input > 0.5, background elsewhere, others never."""
 
     def __init__(self) -> None:
@@ -127,8 +127,12 @@ def test_cache_entry_of_another_spec_is_not_reused(tmp_path: Path, monkeypatch: 
     _fake_cache(tmp_path, 1)
     other = KT.RenderCache(tmp_path, FAKE_SOURCES, 99, "train")  # other seed -> other spec
     calls: list[Any] = []
-    monkeypatch.setattr(KT, "make_render", lambda spec, **kw: calls.append(spec) or
-                        _fake_arrays(7))
+
+    def fake_render(spec: Any, **kw: Any) -> dict[str, np.ndarray]:
+        calls.append(spec)
+        return _fake_arrays(7)
+
+    monkeypatch.setattr(KT, "make_render", fake_render)
     other.get(0)
     assert len(calls) == 1 and calls[0] == other.spec(0)
 
