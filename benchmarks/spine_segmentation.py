@@ -16,8 +16,8 @@ What it does (issue 6, "Segmentation" and "The whole pipeline"):
   MyoSegmenTUM labels only L1-L5, so T12 and the sacrum are bone the manual mask leaves out;
   the whole-volume Dice is also given. Target: >= 0.85 on every held-out exam (goal 0.90).
 - Levels: whether the levels were named from anatomy (sacrum found) and, per manual level,
-  whether the predicted body over it got the same name (MyoSegmenTUM L1-L5; Chu by the
-  T10..S1 rule of ``benchmarks/spine_measurements.py``).
+  whether the predicted body over it got the same name (MyoSegmenTUM L1-L5; Chu: the lowest
+  instance is S1, the ones above L5, L4, ... (:func:`chu_to_spine`)).
 - End to end: :func:`mskmri.measure.spine.analyse_spine` on the predicted map vs on the manual
   map. Heights matched by overlap (the predicted body covering each manual body); L1-L5 Cobb
   (a) as reported under the predicted level names and (b) between the predicted bodies that
@@ -39,11 +39,8 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from spine_measurements import chu_to_spine  # noqa: E402
-
 from mskmri.io import atomic_write_json, read, read_labels  # noqa: E402
-from mskmri.labels import get_source, spine_labels_for  # noqa: E402
+from mskmri.labels import VERTEBRA_ID, get_source, spine_labels_for  # noqa: E402
 from mskmri.measure.spine import analyse_spine, cobb_angle  # noqa: E402
 from mskmri.paths import shared_data_dir  # noqa: E402
 from mskmri.segment import _spine_data as sd  # noqa: E402
@@ -57,10 +54,26 @@ TARGET_COBB_DEG = 5.0
 HEIGHTS = ("anterior_height", "middle_height", "posterior_height")
 
 
+def chu_to_spine(path: Path) -> LabelVolume:
+    """Chu instances -> VerSe ids: ordered by centroid along S-I, the lowest is S1 (sacrum,
+    26; ``mskmri.labels.CHU2015``), the one above it L5 (24), then L4, ... upwards."""
+    gt = read_labels(path, strict=False)
+    arr = np.asarray(gt.array)
+    values = [int(v) for v in np.unique(arr) if v]
+    s_pos = {v: float((gt.voxel_to_world(np.argwhere(arr == v)) @ np.array([0, 0, 1.0])).mean())
+             for v in values}
+    order = sorted(values, key=lambda v: -s_pos[v])  # top first
+    lut = np.zeros(int(arr.max()) + 1, np.int32)
+    lut[order[-1]] = 26
+    for rank, v in enumerate(reversed(order[:-1])):
+        lut[v] = VERTEBRA_ID["L5"] - rank
+    return LabelVolume(lut[arr], gt.affine, schema="spine")
+
+
 def manual_spine(source: str, path: Path) -> LabelVolume:
     """The manual mask in the spine schema (VerSe ids)."""
     if source == "chu2015":
-        seg = chu_to_spine(read(path))
+        seg = chu_to_spine(path)
     else:
         gt = read_labels(path, strict=False)
         seg = LabelVolume(get_source("myosegmentum").apply(np.asarray(gt.array)), gt.affine,

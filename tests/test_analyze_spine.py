@@ -13,7 +13,7 @@ from mskmri.analyze_spine import MANIFEST_SCHEMA, analyze_spine
 from mskmri.cli import main
 from mskmri.errors import GeometryError, MskMriError
 from mskmri.io import read, read_labels, write
-from mskmri.labels import get_source, spine_labels_for
+from mskmri.labels import get_source, spine_labels_for, vertebra_name
 from mskmri.measure.spine import measure_spine, measurements_by_key
 from mskmri.segment import _spine_data as sd
 from mskmri.volume import LabelVolume, Volume
@@ -107,7 +107,7 @@ def test_end_to_end_from_image(shared_data: Path, tmp_path: Path) -> None:
             continue
         pred = int(vals[keep][np.argmax(counts[keep])])
         name = seg.labels[v]
-        pname = auto_seg.labels.get(pred, str(pred))
+        pname = vertebra_name(pred)
         for h in ("anterior_height", "middle_height", "posterior_height"):
             ref, got = manual.get(f"{h}.{name}"), auto.get((h, pname))
             if ref is not None and got is not None and got["value"] is not None:
