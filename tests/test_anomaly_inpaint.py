@@ -101,6 +101,12 @@ def test_detect_with_shipped_model_finds_inserted_lesion(
     # shipped bml-inpaint reached Dice 0.81 here (3 offsets) when committed (the stub 0.65)
     assert _dice(res.mask.array, truth.array) > 0.5
     assert res.record["painter"]["name"] == "bml-inpaint"
+    # an unvalidated shipped model says so in every output
+    from mskmri.weights import model_caveat
+
+    caveat = model_caveat("bml-inpaint")
+    if caveat:
+        assert caveat in res.warnings
 
 
 def test_detect_keeps_input_geometry_other_orientation(

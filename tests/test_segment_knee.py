@@ -236,6 +236,12 @@ def test_cli_segments_the_phantom_with_the_shipped_weights(tmp_path: Path,
     side = json.loads(out.with_name("seg.json").read_text())
     assert side["label_schema"] == "knee" and "segmentation" in side
     assert side["segmentation"]["models"] == {"coarse": K.COARSE_MODEL, "fine": K.FINE_MODEL}
+    # the shipped models are unvalidated: every output says so (no silent wrong numbers)
+    from mskmri.weights import model_caveat
+
+    caveat = model_caveat(K.FINE_MODEL)
+    if caveat:
+        assert caveat in side["segmentation"]["warnings"]
 
 
 def test_cli_bad_input_exits_2(tmp_path: Path, capsys: Any) -> None:

@@ -125,9 +125,16 @@ class NetworkPainter:
         from mskmri.nn.registry import load_model
 
         self.card: dict[str, Any] = {}
+        #: Warnings every output made with this painter carries (unvalidated shipped model).
+        self.caveats: list[str] = []
         if isinstance(model, str) or hasattr(model, "__fspath__"):
+            from mskmri.weights import model_caveat
+
             net, card = load_model(model, device=device)
             self.card = {"name": card.name, "sha256": card.sha256, "command": card.command}
+            caveat = model_caveat(card.name)
+            if caveat:
+                self.caveats.append(caveat)
             if card.input_spacing_mm:
                 spacing_mm = float(card.input_spacing_mm[-1])
         else:
@@ -424,6 +431,7 @@ def detect_bml(image: Volume, seg: LabelVolume, *, painter: Painter | None = Non
     box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
     crop, fcrop = arr[box], fem[box]
     painter = painter if painter is not None else NetworkPainter()
+    warnings[:0] = list(getattr(painter, "caveats", []))
     work_sp = getattr(painter, "spacing_mm", None)
     if work_sp:
         shape_w = [crop.shape[0]] + [max(8, int(round(n * s / work_sp)))

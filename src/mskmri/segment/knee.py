@@ -248,6 +248,12 @@ class KneeSegmenter:
         if backend == "onnx":
             precision = "fp32"
         self.coarse = _load_stage(coarse, COARSE_SPACING_MM, DEFAULT_COARSE_PATCH, device)
+        from mskmri.weights import model_caveat
+
+        named = {m for m in (coarse, fine) if isinstance(m, str)}
+        #: Warnings carried by every output of an unvalidated shipped model.
+        self.model_caveats: list[str] = sorted(
+            {c for c in (model_caveat(m) for m in named) if c})
         self.fine = _load_stage(fine, FINE_SPACING_MM, DEFAULT_FINE_PATCH, device)
         self.precision, self.backend = precision, backend
         self._inferers = {}
@@ -272,6 +278,7 @@ class KneeSegmenter:
         t0 = time.perf_counter()
         _check_input(image)
         warnings = _input_warnings(image)
+        warnings += self.model_caveats
         can = canonical(image)
         timings: dict[str, float] = {}
         # ---------------------------------------------------------------- coarse
