@@ -115,6 +115,17 @@ def test_crash_resumes_from_the_last_periodic_checkpoint(tmp_path: Path) -> None
     _assert_same_weights(full.model, resumed.model)
 
 
+def test_resuming_with_more_steps_follows_the_new_schedule(tmp_path: Path) -> None:
+    out = tmp_path / "extend"
+    fit(_model(), objective, Squares(), _cfg(out, steps=4, checkpoint_every=4))
+    longer = fit(_model(), objective, Squares(), _cfg(out, steps=8, resume="auto"))
+    assert longer.step == 8
+    lrs = [h["lr"] for h in longer.history]
+    # the poly schedule of an 8-step run: still positive after the old end (step 4)
+    assert len(lrs) == 4 and all(lr > 0 for lr in lrs[:-1])
+    assert lrs == sorted(lrs, reverse=True)
+
+
 def test_worker_processes_load_the_same_samples(tmp_path: Path) -> None:
     inline = fit(_model(), objective, Squares(), _cfg(tmp_path / "w0", steps=3))
     worker = fit(_model(), objective, Squares(), _cfg(tmp_path / "w1", steps=3, workers=1))

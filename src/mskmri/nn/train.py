@@ -329,6 +329,26 @@ class LRSchedule:
         return (1.0 - frac) ** POLY_EXPONENT
 
 
+def _refresh_schedule(scheduler: Any, config: TrainConfig) -> None:
+    """Make a resumed scheduler follow *this* run's schedule.
+
+    ``LambdaLR.load_state_dict`` restores the saved :class:`LRSchedule`'s fields, so resuming
+    with a larger ``steps`` would keep the old end (learning rate 0 past it). The schedule is
+    reset to the current config and the optimiser's rates recomputed at the resumed step.
+    """
+    for fn in scheduler.lr_lambdas:
+        if isinstance(fn, LRSchedule):
+            if (fn.kind, fn.steps, fn.warmup) != (config.schedule, config.steps,
+                                                  config.warmup_steps):
+                log.info("schedule changed on resume: %s/%d/%d -> %s/%d/%d", fn.kind, fn.steps,
+                         fn.warmup, config.schedule, config.steps, config.warmup_steps)
+            fn.kind, fn.steps, fn.warmup = config.schedule, config.steps, config.warmup_steps
+    for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
+                               scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * fn(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+
+
 def make_optimizer(params: Sequence[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW, or SGD with Nesterov momentum 0.99 (nnU-Net)."""
     if config.optimizer == "sgd":
@@ -532,6 +552,7 @@ def fit(model: nn.Module, objective: Objective, dataset: Any, config: TrainConfi
             unwrap(model).load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
+            _refresh_schedule(scheduler, config)
             start = int(ckpt["step"])
             rngs = ckpt["rng"]
             if len(rngs) == rt.world_size:
