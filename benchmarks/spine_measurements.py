@@ -69,6 +69,7 @@ TARGET_COBB_DIFF_DEG = 2.0
 HEIGHTS = ("anterior", "middle", "posterior")
 LUMBAR = (20, 24)  # L1, L5
 SACRUM = 26
+L5 = 24
 
 
 def chu_to_spine(vol: Any) -> LabelVolume:
@@ -79,8 +80,9 @@ def chu_to_spine(vol: Any) -> LabelVolume:
     s = [float(vol.voxel_to_world([c])[0][2]) for c in cents]
     order = [v for _, v in sorted(zip(s, values, strict=True), reverse=True)]  # top first
     lut = np.zeros(int(arr.max()) + 1, dtype=np.int32)
-    for i, v in enumerate(order):
-        lut[v] = SACRUM - (len(order) - 1 - i)
+    lut[order[-1]] = SACRUM  # the lowest instance is S1
+    for i, v in enumerate(order[:-1]):  # L5 (24) just above it, then upwards
+        lut[v] = L5 - (len(order) - 2 - i)
     return LabelVolume(lut[arr], vol.affine, {}, schema="spine", meta=dict(vol.meta))
 
 
