@@ -46,12 +46,12 @@ import logging
 import os
 import platform
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from mskmri._timing import StepTimer
 from mskmri.errors import GeometryError, ModelError, MskMriError
 from mskmri.volume import LabelVolume, Volume
 
@@ -115,22 +115,6 @@ class AnalysisResult:
     measurements: dict[str, Any]
     warnings: list[str]
     timings_s: dict[str, float]
-
-
-class _Timer:
-    def __init__(self) -> None:
-        self.timings: dict[str, float] = {}
-        self._t0 = time.perf_counter()
-
-    @contextlib.contextmanager
-    def step(self, name: str, message: str) -> Iterator[None]:
-        log.info("%s ...", message)
-        t = time.perf_counter()
-        yield
-        self.timings[name] = round(time.perf_counter() - t, 3)
-
-    def total(self) -> float:
-        return round(time.perf_counter() - self._t0, 3)
 
 
 def default_knee_segmenter() -> Segmenter:
@@ -339,7 +323,7 @@ def analyze_knee(
 
     out = Path(out_dir)
     _check_out_dir(out)
-    timer = _Timer()
+    timer = StepTimer()
     with timer.step("read", f"reading {image_path}"):
         image = read(image_path, series=series, echo=echo, allow_resample=allow_resample)
         image.require_3d("knee analysis")

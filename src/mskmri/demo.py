@@ -27,7 +27,6 @@ given seed (the timings and creation date aside).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import importlib.metadata
@@ -36,14 +35,14 @@ import logging
 import os
 import platform
 import sys
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mskmri._timing import StepTimer
 from mskmri.errors import MskMriError
 
 log = logging.getLogger(__name__)
@@ -104,24 +103,6 @@ class DemoResult:
     files: dict[str, Path]
     timings_s: dict[str, float]
     measurements: dict[str, Any]
-
-
-class _Timer:
-    """Times named steps and logs each one as it starts."""
-
-    def __init__(self) -> None:
-        self.timings: dict[str, float] = {}
-        self._t0 = time.perf_counter()
-
-    @contextlib.contextmanager
-    def step(self, name: str, message: str) -> Iterator[None]:
-        log.info("%s ...", message)
-        t = time.perf_counter()
-        yield
-        self.timings[name] = round(time.perf_counter() - t, 3)
-
-    def total(self) -> float:
-        return round(time.perf_counter() - self._t0, 3)
 
 
 def _check_out_dir(out_dir: Path) -> None:
@@ -240,7 +221,7 @@ def run_demo(
     out = Path(out_dir)
     _check_out_dir(out)
     command = command or f"mskmri demo --out {out} --seed {seed} --contrast {contrast}"
-    timer = _Timer()
+    timer = StepTimer()
     log.info("mskmri demo: phantom knee, %s contrast, seed %d -> %s", contrast, seed, out)
 
     with atomic_path(out) as tmp:
