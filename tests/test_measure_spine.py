@@ -239,6 +239,25 @@ def test_body_cut_by_the_field_of_view_is_not_guessed():
     assert any("L3: middle height not measured" in w for w in res.warnings)
 
 
+def test_ordinal_cobb_skips_bodies_cut_by_the_field_of_view():
+    # ordinal ids (levels unknown); the top body is cut by the upper edge of the image
+    bodies = [(1000 + i, c, rot, d, hp, ha, w)
+              for i, (_, c, rot, d, hp, ha, w) in enumerate(lumbar_bodies())]
+    seg = rasterize(bodies)
+    k = int(np.argmax(np.abs(seg.direction.T @ [0, 0, 1])))
+    top_world_s = bodies[0][1][2]  # the centre of the top body
+    ijk = seg.world_to_voxel([[0.0, 0.0, top_world_s]])[0]
+    cut = [slice(None)] * 3
+    cut[k] = slice(0, int(round(ijk[k])) + 1) if seg.direction[2, k] > 0 else slice(
+        int(round(ijk[k])), None)
+    res = analyse_spine(seg.crop(cut))
+    v = values(res)
+    # V1000 keeps only its inferior half: the angle runs from V1001's superior endplate to
+    # V1004's inferior endplate (tilts 6 and -12 deg)
+    assert v["cobb_angle.V1001-V1004"] == pytest.approx(6.0 - (-12.0), abs=1.0)
+    assert any("cut by the field of view" in w for w in res.warnings)
+
+
 def test_axial_only_data_is_refused_for_sagittal_measurements():
     seg = rasterize(lumbar_bodies(), spacing=(0.8, 0.8, 5.0))
     res = analyse_spine(seg)

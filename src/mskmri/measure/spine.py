@@ -1605,7 +1605,19 @@ def _cobb_step(res: SpineAnalysis, order: list[SectionGeometry], vert_values: li
         if len(ordinal) < 2:
             res.warnings.append("cobb_angle not measured: fewer than 2 vertebrae")
             return
-        top, bot = ordinal[0], ordinal[-1]
+        # the outermost bodies whose needed endplate lies inside the field of view: a body
+        # cut by the edge of the image has no endplate line there
+        tops = [g for g in ordinal if g.superior is not None]
+        bots = [g for g in ordinal if g.inferior is not None]
+        if not tops or not bots or ordinal.index(tops[0]) >= ordinal.index(bots[-1]):
+            res.warnings.append("cobb_angle not measured: fewer than 2 vertebrae with an "
+                                "endplate inside the field of view")
+            return
+        top, bot = tops[0], bots[-1]
+        if (top, bot) != (ordinal[0], ordinal[-1]):
+            res.warnings.append(
+                f"cobb_angle measured from {top.structure} to {bot.structure}: the endplates of "
+                "the outermost vertebrae are cut by the field of view")
         _append_cobb(res, top, bot, "superior", "inferior", f"{top.structure}-{bot.structure}")
     elif not named:
         return
