@@ -2,12 +2,14 @@
 
 - :mod:`mskmri.measure.base`: :class:`Measurement`, the ``mskmri/measurements/1`` document,
   volumes from label maps (shared by every anatomy).
-- :mod:`mskmri.measure.knee`: knee volumes, lesion volumes per bone.
+- :mod:`mskmri.measure.knee`: volume of every structure (effusion, muscle, menisci among
+  them), cartilage thickness per plate, lesion volumes and counts per bone.
+- :mod:`mskmri.measure.spine`: vertebral heights and ratios, endplate, disc and Cobb angles,
+  disc heights, cord diameters and area, MSCC, K-line, T2-MI/RSCI.
 
 :data:`ANATOMIES` is the registry the ``mskmri measure`` command reads its choices from:
 anatomy name -> ``"module:function"`` of a function
 ``f(seg_path, *, image_path=None, lesions_path=None) -> dict`` returning the document.
-Add ``"spine": "mskmri.measure.spine:measure_spine_files"`` when the spine module exists.
 
 Nothing here imports torch; importing this package is cheap (modules load on use).
 """
