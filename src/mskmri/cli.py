@@ -519,14 +519,15 @@ def _add_detect(sub: Any) -> None:
     p.add_argument("--seg", metavar="SEG", help="knee label map on IMAGE's grid (femur = 1); "
                    "default: segment the knee with the shipped knee model")
     p.add_argument("--method", choices=["inpaint", "mkd"], default="inpaint",
-                   help="detector (mkd: baseline, not implemented yet)")
+                   help="detector (mkd: multiresolution knowledge distillation baseline, "
+                   "teacher = our MRI-pretrained encoder, not ImageNet VGG-16)")
     p.add_argument("--uncertainty", metavar="OUT", help="write the Monte-Carlo spread of the "
                    "paintings here")
     p.add_argument("--table", metavar="PATH", help="per-lesion table (.csv or .json)")
     p.add_argument("--contrast", default="auto", help="input contrast (iw-fs, pd-fs, t2-fs, "
                    "stir, dess, ...); auto: from the image metadata")
-    p.add_argument("--model", default="bml-inpaint", help="inpainting model name or "
-                   "*.safetensors")
+    p.add_argument("--model", help="model name or *.safetensors (default: bml-inpaint, or "
+                   "bml-mkd with --method mkd)")
     p.add_argument("--threshold", type=float, help="z threshold (default: calibrated, from "
                    "the model card)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
@@ -537,10 +538,18 @@ def _run_detect(args: argparse.Namespace) -> int:
     """``mskmri detect bml IMAGE OUT``: lesion mask, record and optional table."""
     from mskmri.anomaly.inpaint import detect_bml_file
 
-    res = detect_bml_file(args.image, args.out, seg_path=args.seg, method=args.method,
-                          uncertainty_path=args.uncertainty, table_path=args.table,
-                          contrast=args.contrast, model=args.model,
-                          threshold=args.threshold, device=args.device)
+    if args.method == "mkd":
+        from mskmri.anomaly.mkd import DEFAULT_MODEL, detect_bml_mkd_file
+
+        res = detect_bml_mkd_file(args.image, args.out, seg_path=args.seg,
+                                  uncertainty_path=args.uncertainty, table_path=args.table,
+                                  contrast=args.contrast, model=args.model or DEFAULT_MODEL,
+                                  threshold=args.threshold, device=args.device)
+    else:
+        res = detect_bml_file(args.image, args.out, seg_path=args.seg, method=args.method,
+                              uncertainty_path=args.uncertainty, table_path=args.table,
+                              contrast=args.contrast, model=args.model or "bml-inpaint",
+                              threshold=args.threshold, device=args.device)
     log.info("wrote %s: %d lesion(s), %.3f mL", args.out, len(res.table),
              sum(r["volume_ml"] for r in res.table))
     return EXIT_OK

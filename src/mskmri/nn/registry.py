@@ -526,6 +526,26 @@ TRAIN_TASKS["inpaint"] = TrainTask(
 )
 
 
+TRAIN_TASKS["mkd"] = TrainTask(
+    name="mkd",
+    help="MKD baseline of the BML detector: 2-D student distilled from the frozen "
+         "pretrain-encoder-2d teacher on lesion-free femur renders (mskmri.synth)",
+    entry="mskmri.anomaly.mkd_train:run",
+    options=(
+        TrainOption(("--data",), {"metavar": "DIR", "help": "OAI lesion label-map folder "
+                                  "(default: the configured shared data)"}),
+        TrainOption(("--cache",), {"metavar": "DIR", "help": "render cache folder "
+                                   "(default OUT/cache; never inside the repository)"}),
+        TrainOption(("--renders",), {"type": int, "help": "distinct lesion-free renders (4)"}),
+        TrainOption(("--val-renders",), {"type": int, "help": "validation renders for the "
+                                         "threshold (2; 0: no calibration)"}),
+        TrainOption(("--name",), {"help": "model name in the card (bml-mkd)"}),
+        TrainOption(("--threads",), {"type": int, "help": "torch CPU threads"}),
+    ),
+    defaults={"steps": 1500, "batch_size": 8, "lr": 1e-3, "schedule": "cosine",
+              "checkpoint_every": 100, "seed": 0, "device": "cpu"},
+)
+
 def train_task(name: str) -> TrainTask:
     """The registered task ``name``; a helpful error otherwise."""
     if name not in TRAIN_TASKS:

@@ -1,0 +1,510 @@
+"""Multiresolution knowledge distillation (MKD) baseline of the BML detector.
+
+Method (Salehi et al., CVPR 2021; METHODS.md section 1), 2-D on sagittal slices:
+
+1. **Teacher**: the frozen 2-D U-Net encoder ``pretrain-encoder-2d`` (features 8, 16, 32, 64;
+   four levels), pretrained on MRI by our distortion-restoration pretext task. The published
+   method uses an ImageNet VGG-16; no ImageNet weights can be downloaded here, so the teacher is
+   **substituted** and every output says so (:data:`TEACHER_WARNING`).
+2. **Student**: the same encoder layout with the same widths but **one** convolution per
+   stage instead of two (:func:`build_student`; about half the teacher's parameters), trained
+   on lesion-free femoral marrow (:mod:`.mkd_train`) to match the teacher at all four levels.
+3. **Loss** (:func:`mkd_loss`): sum over the four levels of the mean over positions of
+   ``1 - cos(student, teacher)`` (cosine along channels at each position) plus
+   :data:`LAMBDA_MSE` times the mean squared difference.
+4. **Anomaly map** (:func:`gradient_map`): the absolute gradient of that loss with respect to
+   the input, averaged over :data:`SMOOTHGRAD_N` noisy copies (SmoothGrad, noise std
+   :data:`SMOOTHGRAD_NOISE`), Gaussian smoothing with :data:`GRAD_SIGMA_PX` pixels in-plane
+   (4 px as published = 2.5 mm on our 0.625 mm grid) and a 3x3 grey opening.
+5. The map is turned into a robust z score over the femur (median / 1.4826 MAD of the whole
+   volume) and goes through **the same** femur crop, working grid, ROI and post-processing as
+   the inpainting detector (:mod:`.postprocess`), with a threshold calibrated on lesion-free
+   validation knees by :func:`.postprocess.calibrate_threshold` (stored in the weights' card).
+
+Input scale: the image is divided by the femoral marrow median as for the inpainter, then
+multiplied by :data:`INPUT_SCALE` so healthy marrow sits inside the teacher's pretraining range
+(its images were percentile-scaled to about [0, 1.5]).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from mskmri.anomaly.inpaint import (
+    CROP_MARGIN_MM,
+    DESS_WARNING,
+    MIN_FEMUR_ML,
+    SENSITIVE_CONTRASTS,
+    UNKNOWN_CONTRAST_WARNING,
+    BmlDetectionError,
+    BmlResult,
+    _lateral_sign,
+    _robust_scale,
+    _zoom_to,
+    femur_mask_of,
+    guess_contrast,
+)
+from mskmri.anomaly.postprocess import (
+    PostprocessConfig,
+    femur_regions,
+    lesion_table,
+    postprocess,
+)
+from mskmri.volume import LabelVolume, Volume
+
+log = logging.getLogger(__name__)
+
+#: Shipped MKD student (:data:`mskmri.weights.MODELS`).
+DEFAULT_MODEL = "bml-mkd"
+#: Frozen teacher: our MRI-pretrained 2-D encoder (substitute for ImageNet VGG-16).
+TEACHER_MODEL = "pretrain-encoder-2d"
+#: Working in-plane spacing, mm (the inpainter's grid).
+WORK_SPACING_MM = 0.625
+#: Weight of the MSE term against the cosine term.
+LAMBDA_MSE = 0.1
+#: Multiplier of the marrow-median-normalised image before the networks (marrow ~ 0.5).
+INPUT_SCALE = 0.5
+#: SmoothGrad: noisy copies averaged per slice.
+SMOOTHGRAD_N = 4
+#: SmoothGrad: noise std, in units of the network input (marrow ~ :data:`INPUT_SCALE`).
+SMOOTHGRAD_NOISE = 0.05
+#: In-plane Gaussian sigma of the gradient map, pixels of the working grid (published: 4).
+GRAD_SIGMA_PX = 4.0
+#: In-plane size of the grey opening of the gradient map, pixels.
+OPENING_PX = 3
+#: Slices per network call.
+BATCH_SLICES = 8
+#: Size divisor of the encoder input (three stride-2 levels).
+SIZE_DIVISOR = 8
+#: Warning every MKD output carries: the teacher is not the published one.
+TEACHER_WARNING = ("MKD baseline: the teacher is our MRI-pretrained 2-D encoder "
+                   "'pretrain-encoder-2d' (distortion-restoration pretext task), NOT the "
+                   "ImageNet VGG-16 of Salehi et al. (not downloadable here); its results are "
+                   "those of this substitute")
+
+
+# ============================================================================ networks
+def build_student(teacher_config: dict[str, Any] | Any) -> Any:
+    """The student: the teacher's encoder layout with one convolution per stage.
+
+    Parameters
+    ----------
+    teacher_config : UNetConfig or dict
+        The teacher's config; widths, strides and kernels are kept, ``convs_per_stage`` = 1.
+
+    Returns
+    -------
+    UNetEncoder
+    """
+    from mskmri.nn.unet import UNetConfig, UNetEncoder
+
+    data = teacher_config.to_dict() if hasattr(teacher_config, "to_dict") else dict(
+        teacher_config)
+    data = {**data, "convs_per_stage": 1}
+    return UNetEncoder(UNetConfig.from_dict(data))
+
+
+def load_teacher(device: str = "cpu") -> Any:
+    """The frozen teacher (eval mode, ``requires_grad`` off)."""
+    from mskmri.nn.registry import load_model
+
+    net, _ = load_model(TEACHER_MODEL, device=device)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net.eval()
+
+
+def mkd_loss(student_feats: Sequence[Any], teacher_feats: Sequence[Any], *,
+             lambda_mse: float = LAMBDA_MSE, per_sample: bool = False) -> Any:
+    """MKD distillation loss: sum over levels of ``(1 - cos) + lambda * MSE``.
+
+    Parameters
+    ----------
+    student_feats, teacher_feats : sequences of torch.Tensor, each (N, C_l, H_l, W_l)
+        Features of the same levels, equal shapes.
+    lambda_mse : float
+    per_sample : bool
+        Return an ``(N,)`` tensor (one loss per slice) instead of the batch mean.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar (or ``(N,)``); 0 when the features are identical, > 0 otherwise.
+    """
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    if len(student_feats) != len(teacher_feats):
+        raise BmlDetectionError(f"student gives {len(student_feats)} levels, teacher "
+                                f"{len(teacher_feats)}; they must match")
+    total: Any = 0.0
+    for s, t in zip(student_feats, teacher_feats, strict=True):
+        if s.shape != t.shape:
+            raise BmlDetectionError(f"student features {tuple(s.shape)} differ from teacher "
+                                    f"{tuple(t.shape)}")
+        cos = F.cosine_similarity(s, t, dim=1, eps=1e-6)  # (N, H, W)
+        direction = (1.0 - cos).flatten(1).mean(1)
+        value = (s - t).pow(2).flatten(1).mean(1)
+        total = total + direction + lambda_mse * value
+    out = torch.as_tensor(total)
+    return out if per_sample else out.mean()
+
+
+def gradient_map(image: np.ndarray, student: Any, teacher: Any, *, n_noise: int = SMOOTHGRAD_N,
+                 noise: float = SMOOTHGRAD_NOISE, seed: int = 0,
+                 sigma_px: float = GRAD_SIGMA_PX, opening_px: int = OPENING_PX) -> np.ndarray:
+    """SmoothGrad map of the MKD loss w.r.t. the input, smoothed and opened, per slice.
+
+    Parameters
+    ----------
+    image : (N, H, W) float32
+        Network-input slices (marrow-median normalised times :data:`INPUT_SCALE`).
+    student, teacher : nn.Module
+        Encoders returning matching feature lists.
+    n_noise : int
+        Noisy copies averaged (``0``: plain gradient, no noise).
+    noise : float
+        Std of the Gaussian noise, input units.
+    seed : int
+        Seed of the noise.
+    sigma_px : float
+        In-plane Gaussian sigma, pixels (0: none).
+    opening_px : int
+        In-plane grey opening size, pixels (<= 1: none).
+
+    Returns
+    -------
+    (N, H, W) float32
+        ``|d loss / d input|`` averaged over the copies, smoothed, opened (>= 0).
+    """
+    import torch
+
+    n, h, w = image.shape
+    ph, pw = (-h) % SIZE_DIVISOR, (-w) % SIZE_DIVISOR
+    img = np.pad(image, ((0, 0), (0, ph), (0, pw)), mode="reflect" if min(h, w) > 1
+                 else "edge").astype(np.float32)
+    gen = torch.Generator().manual_seed(int(seed))
+    acc = np.zeros(img.shape, dtype=np.float64)
+    copies = max(1, int(n_noise))
+    student.eval()
+    teacher.eval()
+    for s in range(0, n, BATCH_SLICES):
+        base = torch.from_numpy(np.ascontiguousarray(img[s:s + BATCH_SLICES, None]))
+        for _ in range(copies):
+            x = base.clone()
+            if n_noise > 0 and noise > 0:
+                x = x + noise * torch.randn(x.shape, generator=gen)
+            x.requires_grad_(True)
+            loss = mkd_loss(student(x), teacher(x), per_sample=True).sum()
+            (grad,) = torch.autograd.grad(loss, x)
+            acc[s:s + BATCH_SLICES] += grad[:, 0].abs().double().numpy()
+    out = (acc / copies)[:, :h, :w].astype(np.float32)
+    if sigma_px > 0:
+        out = ndimage.gaussian_filter(out, (0, sigma_px, sigma_px))
+    if opening_px > 1:
+        out = ndimage.grey_opening(out, size=(1, opening_px, opening_px))
+    return out.astype(np.float32)
+
+
+class MkdScorer:
+    """Teacher + trained student: ``(N, H, W)`` normalised slices -> gradient maps.
+
+    Parameters
+    ----------
+    model : str or nn.Module
+        Registered student name or weight path (default :data:`DEFAULT_MODEL`), or a module.
+    teacher : nn.Module, optional
+        Default: :func:`load_teacher`.
+    device : str
+    n_noise, noise, seed
+        SmoothGrad parameters (:func:`gradient_map`).
+    """
+
+    spacing_mm: float = WORK_SPACING_MM
+
+    def __init__(self, model: Any = DEFAULT_MODEL, *, teacher: Any = None, device: str = "cpu",
+                 n_noise: int = SMOOTHGRAD_N, noise: float = SMOOTHGRAD_NOISE,
+                 seed: int = 0) -> None:
+        self.card: dict[str, Any] = {}
+        #: Warnings every output made with this scorer carries.
+        self.caveats: list[str] = [TEACHER_WARNING]
+        self.threshold: float | None = None
+        if isinstance(model, str) or hasattr(model, "__fspath__"):
+            from mskmri.nn.registry import load_model
+            from mskmri.weights import model_caveat
+
+            net, card = load_model(model, device=device)
+            self.card = {"name": card.name, "sha256": card.sha256, "command": card.command}
+            caveat = model_caveat(card.name)
+            if caveat:
+                self.caveats.append(caveat)
+            if card.extra.get("threshold") is not None:
+                self.threshold = float(card.extra["threshold"])
+        else:
+            net = model.to(device)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        self.student = net.eval()
+        self.teacher = teacher if teacher is not None else load_teacher(device)
+        self.n_noise, self.noise, self.seed = int(n_noise), float(noise), int(seed)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """Gradient map of ``(N, H, W)`` marrow-median-normalised slices."""
+        return gradient_map(image * INPUT_SCALE, self.student, self.teacher,
+                            n_noise=self.n_noise, noise=self.noise, seed=self.seed)
+
+
+# ============================================================================ detector
+@dataclass(frozen=True)
+class MkdConfig:
+    """Parameters of :func:`detect_bml_mkd` (recorded in its output).
+
+    Parameters
+    ----------
+    crop_margin_mm : float
+        Margin around the femur kept as context, mm.
+    postprocess : PostprocessConfig
+        Shared with the inpainting detector.
+    """
+
+    crop_margin_mm: float = CROP_MARGIN_MM
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+def zscore_in(values: np.ndarray, roi: np.ndarray) -> np.ndarray:
+    """``(values - median) / (1.4826 * MAD)`` over ``roi`` (whole volume), 0 outside.
+
+    Parameters
+    ----------
+    values : array
+    roi : bool array, same shape
+
+    Returns
+    -------
+    float32 array, same shape
+    """
+    inside = values[roi]
+    if inside.size == 0:
+        return np.zeros(values.shape, dtype=np.float32)
+    scale = _robust_scale(inside)
+    if not np.isfinite(scale) or scale <= 0:
+        scale = float(np.std(inside)) or 1.0
+    z = (values - float(np.median(inside))) / scale
+    return np.where(roi, z, 0.0).astype(np.float32)
+
+
+def mkd_zmap(image: np.ndarray, femur: np.ndarray, scorer: Any) -> np.ndarray:
+    """Robust z score of the MKD gradient map on the femur's sagittal slices.
+
+    Parameters
+    ----------
+    image : (X, H, W) float32
+        Marrow-median-normalised crop on the working grid, slices along axis 0.
+    femur : (X, H, W) bool
+    scorer : callable
+        ``(N, H, W) -> (N, H, W)`` gradient maps (:class:`MkdScorer`).
+
+    Returns
+    -------
+    (X, H, W) float32
+        z inside the femur, 0 elsewhere.
+    """
+    grad = np.zeros(image.shape, dtype=np.float32)
+    xs = np.nonzero(femur.any(axis=(1, 2)))[0]
+    if xs.size:
+        grad[xs] = scorer(image[xs])
+    return zscore_in(grad, femur)
+
+
+def detect_bml_mkd(image: Volume, seg: LabelVolume, *, scorer: Any = None,
+                   config: MkdConfig | None = None, contrast: str = "auto",
+                   threshold: float | None = None) -> BmlResult:
+    """Detect femoral bone marrow lesions with the MKD baseline.
+
+    Same input checks, femur crop, working grid, post-processing and outputs as
+    :func:`mskmri.anomaly.inpaint.detect_bml`; the anomaly map is :func:`mkd_zmap`.
+
+    Parameters
+    ----------
+    image : Volume
+        3-D MR image with known geometry.
+    seg : LabelVolume
+        Knee-schema label map on the image's grid (femur = 1; fibula = 4 sets the side).
+    scorer : callable, optional
+        Default :class:`MkdScorer` with the shipped student.
+    config : MkdConfig
+    contrast : str
+        ``"auto"``, ``"iw-fs"``, ``"dess"``, ...
+    threshold : float, optional
+        Overrides the calibrated threshold (scorer's card) and ``config.postprocess.threshold``.
+
+    Returns
+    -------
+    BmlResult
+        ``uncertainty`` is all zeros (MKD has no Monte-Carlo spread).
+
+    Raises
+    ------
+    BmlDetectionError
+        Unknown geometry, other grids, no femur.
+    """
+    from mskmri.errors import GeometryError
+    from mskmri.labels import LESION
+
+    t0 = time.perf_counter()
+    cfg = config or MkdConfig()
+    scorer = scorer if scorer is not None else MkdScorer()
+    level = threshold if threshold is not None else getattr(scorer, "threshold", None)
+    if level is not None:
+        cfg = MkdConfig(crop_margin_mm=cfg.crop_margin_mm, postprocess=PostprocessConfig(
+            **{**cfg.postprocess.to_dict(), "threshold": float(level)}))
+    try:
+        image.require_geometry("BML detection")
+    except GeometryError as exc:
+        raise BmlDetectionError(str(exc)) from exc
+    if image.array.ndim != 3:
+        raise BmlDetectionError(f"BML detection needs a 3-D image, not shape {image.array.shape}")
+    if not image.same_geometry(seg):
+        raise BmlDetectionError(f"the segmentation {seg.shape} is not on the image's grid "
+                                f"{image.shape}; resample it onto the image first")
+    femur_ml = int(femur_mask_of(seg).sum()) * image.voxel_volume_mm3 / 1000.0
+    if femur_ml < MIN_FEMUR_ML:
+        raise BmlDetectionError(f"no femur in the segmentation ({femur_ml:.2f} mL of label 1, "
+                                f"need >= {MIN_FEMUR_ML} mL); give a knee label map with the "
+                                "femur as label 1")
+    orig_codes = "".join(image.orientation)
+    img_r, seg_r = image.reorient("RAS"), seg.reorient("RAS")
+    arr = np.asarray(img_r.array, dtype=np.float32)
+    fem = femur_mask_of(seg_r)
+    sp = img_r.spacing
+    warnings: list[str] = list(getattr(scorer, "caveats", [TEACHER_WARNING]))
+    if contrast == "auto":
+        contrast = guess_contrast(image)
+    if contrast == "unknown":
+        warnings.append(UNKNOWN_CONTRAST_WARNING)
+    elif contrast not in SENSITIVE_CONTRASTS:
+        warnings.append(DESS_WARNING.format(contrast=contrast))
+    box, crop_w, fem_w, med = femur_work_crop(arr, fem, sp, cfg.crop_margin_mm,
+                                              getattr(scorer, "spacing_mm", WORK_SPACING_MM))
+    crop_shape = tuple(b.stop - b.start for b in box)
+    fcrop = fem[box]
+    t1 = time.perf_counter()
+    z_w = mkd_zmap(crop_w, fem_w, scorer)
+    t_score = time.perf_counter() - t1
+    zfull = np.zeros(arr.shape, dtype=np.float32)
+    zfull[box] = np.where(fcrop, _zoom_to(z_w, crop_shape, order=1), 0.0)
+    pp = postprocess(zfull[box], fcrop, sp, cfg.postprocess)
+    mask_full = np.zeros(arr.shape, dtype=np.uint8)
+    mask_full[box] = pp.mask
+    smooth_full = np.zeros(arr.shape, dtype=np.float32)
+    smooth_full[box] = pp.smoothed
+    lateral_sign = _lateral_sign(seg_r)
+    regions = femur_regions(fem, img_r.affine, lateral_sign=lateral_sign)
+    if lateral_sign is None:
+        warnings.append("no fibula in the segmentation: condyles are not split into medial "
+                        "and lateral")
+    table = lesion_table(mask_full, smooth_full, regions, sp, bone="femur")
+    record = {
+        "method": "mkd", "teacher": TEACHER_MODEL, "teacher_substitution": TEACHER_WARNING,
+        "student": getattr(scorer, "card", None) or type(scorer).__name__,
+        "anomaly_map": {"gradient": "SmoothGrad", "n_noise": getattr(scorer, "n_noise", None),
+                        "noise": getattr(scorer, "noise", None),
+                        "seed": getattr(scorer, "seed", None), "sigma_px": GRAD_SIGMA_PX,
+                        "opening_px": OPENING_PX, "lambda_mse": LAMBDA_MSE,
+                        "input_scale": INPUT_SCALE, "normalised": "robust z over the femur"},
+        "config": cfg.to_dict(), "contrast": contrast, "marrow_median": med,
+        "steps": pp.steps, "femur_ml": round(femur_ml, 3),
+        "timing_s": {"score": round(t_score, 3), "total": round(time.perf_counter() - t0, 3)},
+    }
+    mask_r = LabelVolume(mask_full, img_r.affine, dict(LESION), schema="lesion",
+                         meta={"bml_detection": record, "warnings": list(warnings)})
+    mask = mask_r.reorient(orig_codes)
+    assert isinstance(mask, LabelVolume)
+    zmap = img_r.with_array(smooth_full).reorient(orig_codes)
+    unc = img_r.with_array(np.zeros(arr.shape, dtype=np.float32)).reorient(orig_codes)
+    for w in warnings:
+        log.warning("%s", w)
+    return BmlResult(mask=mask, zmap=zmap, uncertainty=unc, table=table, warnings=warnings,
+                     record=record)
+
+
+def femur_work_crop(arr: np.ndarray, fem: np.ndarray, spacing: Sequence[float],
+                    margin_mm: float, work_mm: float | None
+                    ) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray, float]:
+    """Crop a RAS image to the femur + margin, resample in-plane, divide by the marrow median.
+
+    The same steps as the inpainting detector (slices along axis 0 kept, axes 1-2 resampled
+    to ``work_mm``).
+
+    Parameters
+    ----------
+    arr : (X, Y, Z) float32
+    fem : (X, Y, Z) bool
+    spacing : 3 floats, mm
+    margin_mm : float
+    work_mm : float or None
+        In-plane working spacing, mm (None: keep the grid).
+
+    Returns
+    -------
+    box, crop_w, fem_w, median
+        The crop's slices on ``arr``, the normalised working crop, its femur mask, and the
+        marrow median the crop was divided by.
+    """
+    idx = np.argwhere(fem)
+    margin = [int(np.ceil(margin_mm / s)) for s in spacing]
+    lo = np.maximum(idx.min(0) - margin, 0)
+    hi = np.minimum(idx.max(0) + 1 + np.asarray(margin), arr.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    crop, fcrop = arr[box], fem[box]
+    if work_mm:
+        shape_w = [crop.shape[0]] + [max(8, int(round(n * s / work_mm)))
+                                     for n, s in zip(crop.shape[1:], spacing[1:], strict=True)]
+    else:
+        shape_w = list(crop.shape)
+    crop_w = _zoom_to(crop, shape_w, order=1)
+    fem_w = _zoom_to(fcrop.astype(np.uint8), shape_w, order=0) > 0
+    med = float(np.median(crop_w[fem_w])) if fem_w.any() else 0.0
+    if not med > 0:
+        raise BmlDetectionError(f"median marrow intensity is {med}: the image is blank or not "
+                                "an MR magnitude image inside the femur")
+    return box, (crop_w / med).astype(np.float32), fem_w, med
+
+
+def detect_bml_mkd_file(image_path: str | Path, out_path: str | Path, *,
+                        seg_path: str | Path | None = None,
+                        uncertainty_path: str | Path | None = None,
+                        table_path: str | Path | None = None, contrast: str = "auto",
+                        model: str = DEFAULT_MODEL, threshold: float | None = None,
+                        device: str = "cpu") -> BmlResult:
+    """Read, detect with MKD and write the mask (+ sidecar and ``*.bml.json`` record)."""
+    from mskmri.anomaly.inpaint import _segment_or_explain, report_path, write_table
+    from mskmri.io import atomic_write_json, read, read_labels, write
+
+    image = read(image_path)
+    seg = (read_labels(seg_path, schema="knee") if seg_path is not None
+           else _segment_or_explain(image, device))
+    result = detect_bml_mkd(image, seg, scorer=MkdScorer(model, device=device),
+                            contrast=contrast, threshold=threshold)
+    write(result.mask, out_path)
+    atomic_write_json(report_path(out_path), {
+        "schema": "mskmri/bml-detection/1", "image": str(image_path),
+        "seg": str(seg_path) if seg_path else "segment.knee", "warnings": result.warnings,
+        "lesions": result.table, "record": result.record})
+    if uncertainty_path is not None:
+        write(result.uncertainty, uncertainty_path)
+    if table_path is not None:
+        write_table(result.table, table_path)
+    return result
