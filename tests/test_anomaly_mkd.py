@@ -80,6 +80,31 @@ def test_gradient_map_shape_nonzero_and_seeded(nets: tuple) -> None:
     np.testing.assert_allclose(g, again, rtol=1e-5)
 
 
+def test_gradient_map_is_zero_outside_the_marrow(nets: tuple) -> None:
+    student, teacher = nets
+    img = np.full((2, 32, 32), 0.5, dtype=np.float32)
+    roi = np.zeros(img.shape, dtype=bool)
+    roi[:, 8:24, 8:24] = True
+    g = gradient_map(img, student, teacher, roi=roi, n_noise=0, sigma_px=0, opening_px=1)
+    assert np.all(g[~roi] == 0) and g[roi].max() > 0
+
+
+def test_training_patches_are_marrow_only(tmp_path: Path) -> None:
+    from mskmri.anomaly.mkd_train import MkdSlices
+
+    img = np.full((3, 80, 80), 2.0, dtype=np.float32)
+    fem = np.zeros(img.shape, dtype=np.uint8)
+    fem[:, 20:60, 20:60] = 1
+    np.savez(tmp_path / "r.npz", image=img, femur=fem, spacing=np.ones(3))
+    ds = MkdSlices([tmp_path / "r.npz"], patch=32)
+    a = ds.sample(0, np.random.default_rng(4))["image"]
+    b = ds.sample(0, np.random.default_rng(4))["image"]
+    assert a.shape == (1, 32, 32) and np.array_equal(a, b)
+    vals = np.unique(np.round(a, 5))
+    assert vals[0] == 0 or vals.size == 1
+    assert 1.8 <= a.max() <= 2.2
+
+
 def test_zscore_is_zero_outside_roi_and_robust() -> None:
     rng = np.random.default_rng(2)
     v = rng.normal(5.0, 2.0, (4, 50, 50)).astype(np.float32)
@@ -146,9 +171,9 @@ def test_cli_detect_mkd_exit_0_and_bad_input_exit_2(knee: tuple, nets: tuple,
             "--model", str(weights)]
     assert main([*args, "--seg", str(tmp_path / "seg.nii.gz"), "--table",
                  str(tmp_path / "t.csv")]) == 0
-    from mskmri.io import read_labels
+    from mskmri.io import read
 
-    mask = read_labels(out)
+    mask = read(out)
     assert mask.same_geometry(image)
     rec = json.loads(report_path(out).read_text())
     assert rec["record"]["method"] == "mkd"

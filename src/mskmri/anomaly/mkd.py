@@ -21,9 +21,12 @@ Method (Salehi et al., CVPR 2021; METHODS.md section 1), 2-D on sagittal slices:
    the inpainting detector (:mod:`.postprocess`), with a threshold calibrated on lesion-free
    validation knees by :func:`.postprocess.calibrate_threshold` (stored in the weights' card).
 
-Input scale: the image is divided by the femoral marrow median as for the inpainter, then
-multiplied by :data:`INPUT_SCALE` so healthy marrow sits inside the teacher's pretraining range
-(its images were percentile-scaled to about [0, 1.5]).
+Input: the image is divided by the femoral marrow median as for the inpainter, multiplied by
+:data:`INPUT_SCALE` so healthy marrow sits inside the teacher's pretraining range (its images
+were percentile-scaled to about [0, 1.5]), and set to 0 outside the femur, in training and in
+detection: the networks see marrow only. (With the surrounding joint in view, a hyperintense
+lesion looks like joint fluid, which the student has learnt to match, and its gradient was
+lower than that of healthy marrow on our phantom.)
 """
 
 from __future__ import annotations
@@ -158,8 +161,8 @@ def mkd_loss(student_feats: Sequence[Any], teacher_feats: Sequence[Any], *,
     return out if per_sample else out.mean()
 
 
-def gradient_map(image: np.ndarray, student: Any, teacher: Any, *, n_noise: int = SMOOTHGRAD_N,
-                 noise: float = SMOOTHGRAD_NOISE, seed: int = 0,
+def gradient_map(image: np.ndarray, student: Any, teacher: Any, *, roi: np.ndarray | None = None,
+                 n_noise: int = SMOOTHGRAD_N, noise: float = SMOOTHGRAD_NOISE, seed: int = 0,
                  sigma_px: float = GRAD_SIGMA_PX, opening_px: int = OPENING_PX) -> np.ndarray:
     """SmoothGrad map of the MKD loss w.r.t. the input, smoothed and opened, per slice.
 
@@ -169,6 +172,9 @@ def gradient_map(image: np.ndarray, student: Any, teacher: Any, *, n_noise: int 
         Network-input slices (marrow-median normalised times :data:`INPUT_SCALE`).
     student, teacher : nn.Module
         Encoders returning matching feature lists.
+    roi : (N, H, W) bool, optional
+        Marrow mask: the networks see ``image * roi`` (0 outside), as in training, so the
+        gradient is 0 outside it.
     n_noise : int
         Noisy copies averaged (``0``: plain gradient, no noise).
     noise : float
@@ -191,6 +197,8 @@ def gradient_map(image: np.ndarray, student: Any, teacher: Any, *, n_noise: int 
     ph, pw = (-h) % SIZE_DIVISOR, (-w) % SIZE_DIVISOR
     img = np.pad(image, ((0, 0), (0, ph), (0, pw)), mode="reflect" if min(h, w) > 1
                  else "edge").astype(np.float32)
+    keep = np.ones(img.shape, dtype=np.float32) if roi is None else np.pad(
+        roi, ((0, 0), (0, ph), (0, pw))).astype(np.float32)
     gen = torch.Generator().manual_seed(int(seed))
     acc = np.zeros(img.shape, dtype=np.float64)
     copies = max(1, int(n_noise))
@@ -198,12 +206,14 @@ def gradient_map(image: np.ndarray, student: Any, teacher: Any, *, n_noise: int 
     teacher.eval()
     for s in range(0, n, BATCH_SLICES):
         base = torch.from_numpy(np.ascontiguousarray(img[s:s + BATCH_SLICES, None]))
+        inside = torch.from_numpy(np.ascontiguousarray(keep[s:s + BATCH_SLICES, None]))
         for _ in range(copies):
             x = base.clone()
             if n_noise > 0 and noise > 0:
                 x = x + noise * torch.randn(x.shape, generator=gen)
             x.requires_grad_(True)
-            loss = mkd_loss(student(x), teacher(x), per_sample=True).sum()
+            xin = x * inside
+            loss = mkd_loss(student(xin), teacher(xin), per_sample=True).sum()
             (grad,) = torch.autograd.grad(loss, x)
             acc[s:s + BATCH_SLICES] += grad[:, 0].abs().double().numpy()
     out = (acc / copies)[:, :h, :w].astype(np.float32)
@@ -256,9 +266,9 @@ class MkdScorer:
         self.teacher = teacher if teacher is not None else load_teacher(device)
         self.n_noise, self.noise, self.seed = int(n_noise), float(noise), int(seed)
 
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        """Gradient map of ``(N, H, W)`` marrow-median-normalised slices."""
-        return gradient_map(image * INPUT_SCALE, self.student, self.teacher,
+    def __call__(self, image: np.ndarray, roi: np.ndarray | None = None) -> np.ndarray:
+        """Gradient map of ``(N, H, W)`` marrow-median-normalised slices (``roi``: femur)."""
+        return gradient_map(image * INPUT_SCALE, self.student, self.teacher, roi=roi,
                             n_noise=self.n_noise, noise=self.noise, seed=self.seed)
 
 
@@ -314,7 +324,8 @@ def mkd_zmap(image: np.ndarray, femur: np.ndarray, scorer: Any) -> np.ndarray:
         Marrow-median-normalised crop on the working grid, slices along axis 0.
     femur : (X, H, W) bool
     scorer : callable
-        ``(N, H, W) -> (N, H, W)`` gradient maps (:class:`MkdScorer`).
+        ``(image, femur)``, both ``(N, H, W)`` -> ``(N, H, W)`` gradient maps
+        (:class:`MkdScorer`).
 
     Returns
     -------
@@ -324,7 +335,7 @@ def mkd_zmap(image: np.ndarray, femur: np.ndarray, scorer: Any) -> np.ndarray:
     grad = np.zeros(image.shape, dtype=np.float32)
     xs = np.nonzero(femur.any(axis=(1, 2)))[0]
     if xs.size:
-        grad[xs] = scorer(image[xs])
+        grad[xs] = scorer(image[xs], femur[xs])
     return zscore_in(grad, femur)
 
 

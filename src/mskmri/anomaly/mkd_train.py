@@ -30,15 +30,26 @@ VAL_RENDERS = 2
 
 
 class MkdSlices(InpaintSlices):
-    """Seeded dataset of lesion-free sagittal femur patches: ``{"image": (1, P, P)}``.
+    """Seeded dataset of lesion-free sagittal femur patches, marrow only.
 
-    The patches of :class:`~mskmri.anomaly.inpaint_train.InpaintSlices` (same sampling,
-    flips and +-10 % intensity jitter), without the hole.
+    Each sample is ``{"image": (1, P, P)}`` float32: a patch centred in the femur as the
+    inpainter's (same volumes, flips and +-10 % intensity jitter, no hole), set to 0 outside
+    the femur (the detector shows the networks the femur only).
     """
 
     def sample(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
-        """One patch, as the inpainter's minus its mask."""
-        return {"image": super().sample(index, rng)["image"]}
+        """One marrow-only patch."""
+        img, fem, pts = self.volumes[int(rng.integers(len(self.volumes)))]
+        x, y, z = pts[int(rng.integers(len(pts)))]
+        p = self.patch
+        sl, fm = img[x], fem[x]
+        y0 = int(np.clip(y - p // 2 + rng.integers(-p // 4, p // 4 + 1), 0, sl.shape[0] - p))
+        z0 = int(np.clip(z - p // 2 + rng.integers(-p // 4, p // 4 + 1), 0, sl.shape[1] - p))
+        patch = sl[y0:y0 + p, z0:z0 + p] * fm[y0:y0 + p, z0:z0 + p]
+        if rng.random() < 0.5:
+            patch = patch[:, ::-1]
+        patch = patch * float(rng.uniform(0.9, 1.1))
+        return {"image": np.ascontiguousarray(patch[None], dtype=np.float32)}
 
 
 def calibrate(student: Any, teacher: Any, files: list[Path]) -> float:
