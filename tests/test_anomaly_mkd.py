@@ -183,3 +183,21 @@ def test_cli_detect_mkd_exit_0_and_bad_input_exit_2(knee: tuple, nets: tuple,
     write(empty, tmp_path / "empty.nii.gz")
     assert main([*args, "--seg", str(tmp_path / "empty.nii.gz")]) == 2
     assert main([*args, "--seg", str(tmp_path / "missing.nii.gz")]) == 2
+
+
+def test_cli_shipped_student_runs_and_carries_its_caveat(knee: tuple, tmp_path: Path) -> None:
+    from mskmri.io import write
+    from mskmri.weights import MODELS
+
+    if "bml-mkd" not in MODELS or not MODELS["bml-mkd"].path.is_file():
+        pytest.skip("bml-mkd is not shipped")
+    image, seg = knee
+    write(image, tmp_path / "img.nii.gz")
+    write(seg, tmp_path / "seg.nii.gz")
+    out = tmp_path / "bml.nii.gz"
+    assert main(["detect", "bml", str(tmp_path / "img.nii.gz"), str(out), "--method", "mkd",
+                 "--seg", str(tmp_path / "seg.nii.gz")]) == 0
+    rec = json.loads(report_path(out).read_text())
+    assert any("first small model" in w for w in rec["warnings"])
+    assert rec["record"]["config"]["postprocess"]["threshold"] > 0
+    assert rec["record"]["student"]["name"] == "bml-mkd"
