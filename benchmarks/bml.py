@@ -107,7 +107,29 @@ def _painters(model: str, methods: list[str]) -> dict[str, Any]:
             out["inpaint-ffc"] = NetworkPainter(model)
         except MskMriError as exc:
             log.warning("no inpainting model (%s): it is not evaluated", exc)
+    if "mkd" in methods:
+        from mskmri.anomaly.mkd import MkdScorer
+
+        try:
+            out["mkd"] = MkdScorer()
+        except MskMriError as exc:
+            log.warning("no MKD student (%s): it is not evaluated", exc)
     return out
+
+
+def _detect(painter: Any, img: Any, seg: Any, *, threshold: float, smooth: bool = True
+            ) -> Any:
+    """``detect_bml`` for painters, ``detect_bml_mkd`` for the MKD scorer (same outputs)."""
+    from mskmri.anomaly.inpaint import DetectConfig, detect_bml
+    from mskmri.anomaly.mkd import MkdConfig, MkdScorer, detect_bml_mkd
+    from mskmri.anomaly.postprocess import PostprocessConfig
+
+    pp = PostprocessConfig() if smooth else PostprocessConfig(smooth_sigma_mm=0.0)
+    if isinstance(painter, MkdScorer):
+        return detect_bml_mkd(img, seg, scorer=painter, threshold=threshold,
+                              config=MkdConfig(postprocess=pp))
+    return detect_bml(img, seg, painter=painter, threshold=threshold,
+                      config=DetectConfig(postprocess=pp))
 
 
 def _evaluate(pred: np.ndarray, truth: np.ndarray, femur: np.ndarray,
@@ -129,8 +151,6 @@ def _evaluate(pred: np.ndarray, truth: np.ndarray, femur: np.ndarray,
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from mskmri.anomaly.inpaint import DetectConfig, detect_bml
-    from mskmri.anomaly.postprocess import PostprocessConfig
     from mskmri.synth import oai_label_paths, split_by_subject
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -139,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=Path("/tmp/mskmri-bml-cache"))
     ap.add_argument("--model", default="bml-inpaint")
     ap.add_argument("--out", type=Path, default=RESULT)
-    ap.add_argument("--methods", nargs="+", choices=["inpaint", "stub"],
-                    default=["inpaint", "stub"])
+    ap.add_argument("--methods", nargs="+", choices=["inpaint", "stub", "mkd"],
+                    default=["inpaint", "stub", "mkd"])
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(1)
@@ -190,9 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         zs, bones, sps = [], [], []
         for i, (kind, p, c, ip) in enumerate(calib):
             img, seg, _ = _volumes(rendered(kind, p, c, ip, i), c)
-            res = detect_bml(img, seg, painter=painter, threshold=float("inf"),
-                             config=DetectConfig(postprocess=PostprocessConfig(
-                                 smooth_sigma_mm=0.0)))
+            res = _detect(painter, img, seg, threshold=float("inf"), smooth=False)
             zs.append(res.zmap.array)
             bones.append(seg.array == 1)
             sps.append(img.spacing)
@@ -204,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             i = len(calib) + j
             img, seg, les = _volumes(rendered(kind, p, c, ip, i), c)
             t0 = time.perf_counter()
-            res = detect_bml(img, seg, painter=painter, threshold=level)
+            res = _detect(painter, img, seg, threshold=level)
             secs = time.perf_counter() - t0
             # femoral lesions only (tibial/patellar ones are outside the detector's ROI)
             femur = seg.array == 1
@@ -234,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                  "inserted_ml": list(INSERTED_ML), "calibration_fpr": CALIBRATION_FPR,
                  "roi": "truth femur of the render (no knee segmenter used)"},
         "methods": results,
-        "not_run": ["MKD baseline (not implemented yet)",
+        "not_run": [*([] if "mkd" in results else ["MKD baseline"]),
                     "in-plane 112", "DESS at 448", "most test subjects (small subset only)"],
         "targets": _targets(results),
         "notes": ("Small first run on a loaded 2-core CPU: 2 knees per set, one render each. "
