@@ -357,6 +357,49 @@ def femur_mask_of(seg: Volume | np.ndarray, femur_label: int = 1) -> np.ndarray:
     return np.asarray(arr == femur_label)
 
 
+def femur_work_crop(arr: np.ndarray, fem: np.ndarray, spacing: Sequence[float],
+                    margin_mm: float, work_mm: float | None
+                    ) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray, float]:
+    """Crop a RAS image to the femur + margin, resample in-plane, divide by the marrow median.
+
+    Shared by the inpainting and the MKD detectors (slices along axis 0 kept, axes 1-2
+    resampled to ``work_mm``).
+
+    Parameters
+    ----------
+    arr : (X, Y, Z) float32
+    fem : (X, Y, Z) bool
+    spacing : 3 floats, mm
+    margin_mm : float
+    work_mm : float or None
+        In-plane working spacing, mm (None: keep the grid).
+
+    Returns
+    -------
+    box, crop_w, fem_w, median
+        The crop's slices on ``arr``, the normalised working crop, its femur mask, and the
+        marrow median the crop was divided by.
+    """
+    idx = np.argwhere(fem)
+    margin = [int(np.ceil(margin_mm / s)) for s in spacing]
+    lo = np.maximum(idx.min(0) - margin, 0)
+    hi = np.minimum(idx.max(0) + 1 + np.asarray(margin), arr.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    crop, fcrop = arr[box], fem[box]
+    if work_mm:
+        shape_w = [crop.shape[0]] + [max(8, int(round(n * s / work_mm)))
+                                     for n, s in zip(crop.shape[1:], spacing[1:], strict=True)]
+    else:
+        shape_w = list(crop.shape)
+    crop_w = _zoom_to(crop, shape_w, order=1)
+    fem_w = _zoom_to(fcrop.astype(np.uint8), shape_w, order=0) > 0
+    med = float(np.median(crop_w[fem_w])) if fem_w.any() else 0.0
+    if not med > 0:
+        raise BmlDetectionError(f"median marrow intensity is {med}: the image is blank or not "
+                                "an MR magnitude image inside the femur")
+    return box, (crop_w / med).astype(np.float32), fem_w, med
+
+
 def detect_bml(image: Volume, seg: LabelVolume, *, painter: Painter | None = None,
                config: DetectConfig | None = None, contrast: str = "auto",
                threshold: float | None = None) -> BmlResult:
@@ -423,30 +466,13 @@ def detect_bml(image: Volume, seg: LabelVolume, *, painter: Painter | None = Non
         warnings.append(UNKNOWN_CONTRAST_WARNING)
     elif contrast not in SENSITIVE_CONTRASTS:
         warnings.append(DESS_WARNING.format(contrast=contrast))
-    # crop to the femur + margin
-    idx = np.argwhere(fem)
-    margin = [int(np.ceil(cfg.crop_margin_mm / s)) for s in sp]
-    lo = np.maximum(idx.min(0) - margin, 0)
-    hi = np.minimum(idx.max(0) + 1 + np.asarray(margin), arr.shape)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-    crop, fcrop = arr[box], fem[box]
+    # crop to the femur + margin, in-plane working grid, divided by the marrow median
     painter = painter if painter is not None else NetworkPainter()
     warnings[:0] = list(getattr(painter, "caveats", []))
     work_sp = getattr(painter, "spacing_mm", None)
-    if work_sp:
-        shape_w = [crop.shape[0]] + [max(8, int(round(n * s / work_sp)))
-                                     for n, s in zip(crop.shape[1:], sp[1:], strict=True)]
-        inplane_mm = float(work_sp)
-    else:
-        shape_w = list(crop.shape)
-        inplane_mm = float(np.mean(sp[1:]))
-    crop_w = _zoom_to(crop, shape_w, order=1)
-    fem_w = _zoom_to(fcrop.astype(np.uint8), shape_w, order=0) > 0
-    med = float(np.median(crop_w[fem_w])) if fem_w.any() else 0.0
-    if not med > 0:
-        raise BmlDetectionError(f"median marrow intensity is {med}: the image is blank or not "
-                                "an MR magnitude image inside the femur")
-    crop_w = crop_w / med
+    inplane_mm = float(work_sp) if work_sp else float(np.mean(sp[1:]))
+    box, crop_w, fem_w, med = femur_work_crop(arr, fem, sp, cfg.crop_margin_mm, work_sp)
+    crop, fcrop = arr[box], fem[box]
     cell_px = max(2, int(round(cfg.cell_mm / inplane_mm)))
     t1 = time.perf_counter()
     _, spread_w, z_w, count_w = paint_residual(crop_w, fem_w, painter, cell_px=cell_px,

@@ -53,6 +53,7 @@ from mskmri.anomaly.inpaint import (
     _robust_scale,
     _zoom_to,
     femur_mask_of,
+    femur_work_crop,
     guess_contrast,
 )
 from mskmri.anomaly.postprocess import (
@@ -449,49 +450,6 @@ def detect_bml_mkd(image: Volume, seg: LabelVolume, *, scorer: Any = None,
         log.warning("%s", w)
     return BmlResult(mask=mask, zmap=zmap, uncertainty=unc, table=table, warnings=warnings,
                      record=record)
-
-
-def femur_work_crop(arr: np.ndarray, fem: np.ndarray, spacing: Sequence[float],
-                    margin_mm: float, work_mm: float | None
-                    ) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray, float]:
-    """Crop a RAS image to the femur + margin, resample in-plane, divide by the marrow median.
-
-    The same steps as the inpainting detector (slices along axis 0 kept, axes 1-2 resampled
-    to ``work_mm``).
-
-    Parameters
-    ----------
-    arr : (X, Y, Z) float32
-    fem : (X, Y, Z) bool
-    spacing : 3 floats, mm
-    margin_mm : float
-    work_mm : float or None
-        In-plane working spacing, mm (None: keep the grid).
-
-    Returns
-    -------
-    box, crop_w, fem_w, median
-        The crop's slices on ``arr``, the normalised working crop, its femur mask, and the
-        marrow median the crop was divided by.
-    """
-    idx = np.argwhere(fem)
-    margin = [int(np.ceil(margin_mm / s)) for s in spacing]
-    lo = np.maximum(idx.min(0) - margin, 0)
-    hi = np.minimum(idx.max(0) + 1 + np.asarray(margin), arr.shape)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-    crop, fcrop = arr[box], fem[box]
-    if work_mm:
-        shape_w = [crop.shape[0]] + [max(8, int(round(n * s / work_mm)))
-                                     for n, s in zip(crop.shape[1:], spacing[1:], strict=True)]
-    else:
-        shape_w = list(crop.shape)
-    crop_w = _zoom_to(crop, shape_w, order=1)
-    fem_w = _zoom_to(fcrop.astype(np.uint8), shape_w, order=0) > 0
-    med = float(np.median(crop_w[fem_w])) if fem_w.any() else 0.0
-    if not med > 0:
-        raise BmlDetectionError(f"median marrow intensity is {med}: the image is blank or not "
-                                "an MR magnitude image inside the femur")
-    return box, (crop_w / med).astype(np.float32), fem_w, med
 
 
 def detect_bml_mkd_file(image_path: str | Path, out_path: str | Path, *,

@@ -65,12 +65,11 @@ def calibrate(student: Any, teacher: Any, files: list[Path]) -> float:
     -------
     float
     """
-    from mskmri.anomaly.inpaint import _zoom_to
+    from mskmri.anomaly.inpaint import _zoom_to, femur_work_crop
     from mskmri.anomaly.mkd import (
         CROP_MARGIN_MM,
         WORK_SPACING_MM,
         MkdScorer,
-        femur_work_crop,
         mkd_zmap,
     )
     from mskmri.anomaly.postprocess import calibrate_threshold
