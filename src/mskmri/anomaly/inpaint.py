@@ -478,22 +478,11 @@ def detect_bml(image: Volume, seg: LabelVolume, *, painter: Painter | None = Non
     _, spread_w, z_w, count_w = paint_residual(crop_w, fem_w, painter, cell_px=cell_px,
                                                n_offsets=cfg.n_offsets, seed=cfg.seed)
     t_paint = time.perf_counter() - t1
-    zfull = np.zeros(arr.shape, dtype=np.float32)
     ufull = np.zeros(arr.shape, dtype=np.float32)
-    zfull[box] = np.where(fcrop, _zoom_to(z_w, crop.shape, order=1), 0.0)
     ufull[box] = np.where(fcrop, _zoom_to(spread_w, crop.shape, order=1), 0.0)
-    # post-process inside the crop (the margin keeps the femur away from its edges)
-    pp = postprocess(zfull[box], fcrop, sp, cfg.postprocess)
-    mask_full = np.zeros(arr.shape, dtype=np.uint8)
-    mask_full[box] = pp.mask
-    smooth_full = np.zeros(arr.shape, dtype=np.float32)
-    smooth_full[box] = pp.smoothed
-    lateral_sign = _lateral_sign(seg_r)
-    regions = femur_regions(fem, img_r.affine, lateral_sign=lateral_sign)
-    if lateral_sign is None:
-        warnings.append("no fibula in the segmentation: condyles are not split into medial "
-                        "and lateral")
-    table = lesion_table(mask_full, smooth_full, regions, sp, bone="femur")
+    pp, mask_full, smooth_full, table = lesions_in_femur(
+        z_w, box=box, fem=fem, seg_ras=seg_r, affine=img_r.affine, spacing=sp,
+        config=cfg.postprocess, warnings=warnings)
     record = {
         "method": "inpaint", "painting": "2-D sagittal slices",
         "config": cfg.to_dict(), "cell_px": cell_px, "inplane_work_mm": inplane_mm,
@@ -503,14 +492,55 @@ def detect_bml(image: Volume, seg: LabelVolume, *, painter: Painter | None = Non
         "femur_ml": round(femur_ml, 3),
         "timing_s": {"paint": round(t_paint, 3), "total": round(time.perf_counter() - t0, 3)},
     }
+    return bml_result(mask_full, smooth_full, ufull, img_ras=img_r, orig_codes=orig_codes,
+                      table=table, warnings=warnings, record=record)
+
+
+def lesions_in_femur(
+    z_w: np.ndarray, *, box: tuple[slice, ...], fem: np.ndarray, seg_ras: Volume,
+    affine: np.ndarray, spacing: Sequence[float], config: Any, warnings: list[str],
+) -> tuple[Any, np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """Score map on the working grid -> post-processed lesion mask and per-lesion table.
+
+    Shared by the inpainting and MKD detectors: the working-grid map ``z_w`` goes back onto
+    the femur crop ``box`` of the RAS image, is post-processed inside the crop (the margin
+    keeps the femur away from its edges), and lesions get their femoral region.
+
+    Returns
+    -------
+    pp, mask, smoothed, table
+        The post-processing result, the (X, Y, Z) uint8 mask and float32 smoothed map on the
+        RAS grid, and one row per lesion. A warning is appended when the condyles cannot be
+        told apart (no fibula).
+    """
+    fcrop = fem[box]
+    zcrop = np.where(fcrop, _zoom_to(z_w, fcrop.shape, order=1), 0.0).astype(np.float32)
+    pp = postprocess(zcrop, fcrop, spacing, config)
+    mask_full = np.zeros(fem.shape, dtype=np.uint8)
+    mask_full[box] = pp.mask
+    smooth_full = np.zeros(fem.shape, dtype=np.float32)
+    smooth_full[box] = pp.smoothed
+    lateral_sign = _lateral_sign(seg_ras)
+    regions = femur_regions(fem, affine, lateral_sign=lateral_sign)
+    if lateral_sign is None:
+        warnings.append("no fibula in the segmentation: condyles are not split into medial "
+                        "and lateral")
+    table = lesion_table(mask_full, smooth_full, regions, spacing, bone="femur")
+    return pp, mask_full, smooth_full, table
+
+
+def bml_result(mask_ras: np.ndarray, smoothed_ras: np.ndarray, uncertainty_ras: np.ndarray, *,
+               img_ras: Volume, orig_codes: str, table: list[dict[str, Any]],
+               warnings: list[str], record: dict[str, Any]) -> BmlResult:
+    """Wrap RAS-grid outputs as a :class:`BmlResult` back in the input's orientation."""
     from mskmri.labels import LESION
 
-    mask_r = LabelVolume(mask_full, img_r.affine, dict(LESION), schema="lesion",
+    mask_r = LabelVolume(mask_ras, img_ras.affine, dict(LESION), schema="lesion",
                          meta={"bml_detection": record, "warnings": list(warnings)})
     mask = mask_r.reorient(orig_codes)
     assert isinstance(mask, LabelVolume)
-    zmap = img_r.with_array(smooth_full).reorient(orig_codes)
-    unc = img_r.with_array(ufull).reorient(orig_codes)
+    zmap = img_ras.with_array(smoothed_ras).reorient(orig_codes)
+    unc = img_ras.with_array(uncertainty_ras).reorient(orig_codes)
     for w in warnings:
         log.warning("%s", w)
     return BmlResult(mask=mask, zmap=zmap, uncertainty=unc, table=table, warnings=warnings,

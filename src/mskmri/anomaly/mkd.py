@@ -49,18 +49,15 @@ from mskmri.anomaly.inpaint import (
     UNKNOWN_CONTRAST_WARNING,
     BmlDetectionError,
     BmlResult,
-    _lateral_sign,
     _robust_scale,
-    _zoom_to,
+    bml_result,
     femur_mask_of,
     femur_work_crop,
     guess_contrast,
+    lesions_in_femur,
 )
 from mskmri.anomaly.postprocess import (
     PostprocessConfig,
-    femur_regions,
-    lesion_table,
-    postprocess,
 )
 from mskmri.volume import LabelVolume, Volume
 
@@ -373,7 +370,6 @@ def detect_bml_mkd(image: Volume, seg: LabelVolume, *, scorer: Any = None,
         Unknown geometry, other grids, no femur.
     """
     from mskmri.errors import GeometryError
-    from mskmri.labels import LESION
 
     t0 = time.perf_counter()
     cfg = config or MkdConfig()
@@ -410,24 +406,12 @@ def detect_bml_mkd(image: Volume, seg: LabelVolume, *, scorer: Any = None,
         warnings.append(DESS_WARNING.format(contrast=contrast))
     box, crop_w, fem_w, med = femur_work_crop(arr, fem, sp, cfg.crop_margin_mm,
                                               getattr(scorer, "spacing_mm", WORK_SPACING_MM))
-    crop_shape = tuple(b.stop - b.start for b in box)
-    fcrop = fem[box]
     t1 = time.perf_counter()
     z_w = mkd_zmap(crop_w, fem_w, scorer)
     t_score = time.perf_counter() - t1
-    zfull = np.zeros(arr.shape, dtype=np.float32)
-    zfull[box] = np.where(fcrop, _zoom_to(z_w, crop_shape, order=1), 0.0)
-    pp = postprocess(zfull[box], fcrop, sp, cfg.postprocess)
-    mask_full = np.zeros(arr.shape, dtype=np.uint8)
-    mask_full[box] = pp.mask
-    smooth_full = np.zeros(arr.shape, dtype=np.float32)
-    smooth_full[box] = pp.smoothed
-    lateral_sign = _lateral_sign(seg_r)
-    regions = femur_regions(fem, img_r.affine, lateral_sign=lateral_sign)
-    if lateral_sign is None:
-        warnings.append("no fibula in the segmentation: condyles are not split into medial "
-                        "and lateral")
-    table = lesion_table(mask_full, smooth_full, regions, sp, bone="femur")
+    pp, mask_full, smooth_full, table = lesions_in_femur(
+        z_w, box=box, fem=fem, seg_ras=seg_r, affine=img_r.affine, spacing=sp,
+        config=cfg.postprocess, warnings=warnings)
     record = {
         "method": "mkd", "teacher": TEACHER_MODEL, "teacher_substitution": TEACHER_WARNING,
         "student": getattr(scorer, "card", None) or type(scorer).__name__,
@@ -440,16 +424,9 @@ def detect_bml_mkd(image: Volume, seg: LabelVolume, *, scorer: Any = None,
         "steps": pp.steps, "femur_ml": round(femur_ml, 3),
         "timing_s": {"score": round(t_score, 3), "total": round(time.perf_counter() - t0, 3)},
     }
-    mask_r = LabelVolume(mask_full, img_r.affine, dict(LESION), schema="lesion",
-                         meta={"bml_detection": record, "warnings": list(warnings)})
-    mask = mask_r.reorient(orig_codes)
-    assert isinstance(mask, LabelVolume)
-    zmap = img_r.with_array(smooth_full).reorient(orig_codes)
-    unc = img_r.with_array(np.zeros(arr.shape, dtype=np.float32)).reorient(orig_codes)
-    for w in warnings:
-        log.warning("%s", w)
-    return BmlResult(mask=mask, zmap=zmap, uncertainty=unc, table=table, warnings=warnings,
-                     record=record)
+    return bml_result(mask_full, smooth_full, np.zeros(arr.shape, dtype=np.float32),
+                      img_ras=img_r, orig_codes=orig_codes, table=table, warnings=warnings,
+                      record=record)
 
 
 def detect_bml_mkd_file(image_path: str | Path, out_path: str | Path, *,
