@@ -274,7 +274,10 @@ def _ddp_worker(folder: Path, out: Path) -> None:
     res = fit(net, KT._objective, KT.FineDataset(cache, 3, patch=(8, 8, 8)), cfg)
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(
         {"world": res.runtime.world_size, "step": res.step,
-         "w": float(sum(p.sum() for p in res.model.parameters()))}))
+         "w": float(sum(p.detach().sum() for p in res.model.parameters()))}))
+    # both ranks finish their work before either tears gloo down (a rank that exits
+    # while the other is still in destroy_process_group can abort it)
+    dist.barrier()
     dist.destroy_process_group()
 
 

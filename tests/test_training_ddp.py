@@ -62,6 +62,9 @@ def _worker(out: Path) -> None:
     save_file(state, str(out / f"rank{rank}.safetensors"))
     (out / f"rank{rank}.json").write_text(json.dumps({"world": res.runtime.world_size,
                                                       "step": res.step}))
+    # both ranks finish their work before either tears gloo down (a rank that exits
+    # while the other is still in destroy_process_group can abort it)
+    dist.barrier()
     dist.destroy_process_group()
 
 
