@@ -605,7 +605,7 @@ def detect_bml_file(image_path: str | Path, out_path: str | Path, *,
     Without ``seg_path`` the knee is segmented with :func:`mskmri.segment.knee.segment_knee`
     (needs the shipped knee models; a clear error otherwise).
     """
-    from mskmri.io import atomic_write_json, read, read_labels, write
+    from mskmri.io import read, read_labels
 
     if method not in METHODS:
         raise BmlDetectionError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -625,6 +625,18 @@ def detect_bml_file(image_path: str | Path, out_path: str | Path, *,
         if threshold is None:
             threshold = _calibrated_threshold(model)
     result = detect_bml(image, seg, painter=painter, contrast=contrast, threshold=threshold)
+    write_bml_outputs(result, image_path=image_path, seg_path=seg_path, out_path=out_path,
+                      uncertainty_path=uncertainty_path, table_path=table_path)
+    return result
+
+
+def write_bml_outputs(result: BmlResult, *, image_path: str | Path, seg_path: str | Path | None,
+                      out_path: str | Path, uncertainty_path: str | Path | None = None,
+                      table_path: str | Path | None = None) -> None:
+    """Write a detection: the mask (+ sidecar), the ``*.bml.json`` record, and optionally
+    the uncertainty map and the per-lesion table (each atomically). Shared by every method."""
+    from mskmri.io import atomic_write_json, write
+
     write(result.mask, out_path)
     atomic_write_json(report_path(out_path), {
         "schema": "mskmri/bml-detection/1", "image": str(image_path),
@@ -634,7 +646,6 @@ def detect_bml_file(image_path: str | Path, out_path: str | Path, *,
         write(result.uncertainty, uncertainty_path)
     if table_path is not None:
         write_table(result.table, table_path)
-    return result
 
 
 def _calibrated_threshold(model: str) -> float | None:

@@ -436,21 +436,14 @@ def detect_bml_mkd_file(image_path: str | Path, out_path: str | Path, *,
                         model: str = DEFAULT_MODEL, threshold: float | None = None,
                         device: str = "cpu") -> BmlResult:
     """Read, detect with MKD and write the mask (+ sidecar and ``*.bml.json`` record)."""
-    from mskmri.anomaly.inpaint import _segment_or_explain, report_path, write_table
-    from mskmri.io import atomic_write_json, read, read_labels, write
+    from mskmri.anomaly.inpaint import _segment_or_explain, write_bml_outputs
+    from mskmri.io import read, read_labels
 
     image = read(image_path)
     seg = (read_labels(seg_path, schema="knee") if seg_path is not None
            else _segment_or_explain(image, device))
     result = detect_bml_mkd(image, seg, scorer=MkdScorer(model, device=device),
                             contrast=contrast, threshold=threshold)
-    write(result.mask, out_path)
-    atomic_write_json(report_path(out_path), {
-        "schema": "mskmri/bml-detection/1", "image": str(image_path),
-        "seg": str(seg_path) if seg_path else "segment.knee", "warnings": result.warnings,
-        "lesions": result.table, "record": result.record})
-    if uncertainty_path is not None:
-        write(result.uncertainty, uncertainty_path)
-    if table_path is not None:
-        write_table(result.table, table_path)
+    write_bml_outputs(result, image_path=image_path, seg_path=seg_path, out_path=out_path,
+                      uncertainty_path=uncertainty_path, table_path=table_path)
     return result
