@@ -37,20 +37,18 @@ plates that cannot be measured) gives warnings in ``measurements.json`` and in t
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
-import hashlib
 import importlib
 import importlib.metadata
 import logging
 import os
 import platform
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from mskmri._provenance import check_replaceable_dir, file_record, versions
 from mskmri._timing import StepTimer
 from mskmri.errors import GeometryError, ModelError, MskMriError
 from mskmri.volume import LabelVolume, Volume
@@ -88,10 +86,6 @@ COMPARTMENT_SLICES: tuple[tuple[str, str], ...] = (
 )
 
 #: Distributions whose versions go into the manifest.
-_VERSIONED = ("numpy", "scipy", "nibabel", "scikit-image", "trimesh", "matplotlib", "jinja2",
-              "SimpleITK", "pydicom")
-
-
 @dataclass(frozen=True)
 class AnalysisResult:
     """What :func:`analyze_knee` wrote.
@@ -143,27 +137,6 @@ def default_knee_segmenter() -> Segmenter:
     return segmenter
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    """Refuse to replace anything but a previous analysis folder (or an empty one)."""
-    import json
-
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise MskMriError(f"{out_dir} exists and is not a folder; give a new --out folder")
-    if not any(out_dir.iterdir()):
-        return
-    try:
-        kind = json.loads((out_dir / MANIFEST_FILE).read_text(encoding="utf-8")).get("kind")
-    except (OSError, ValueError, AttributeError):
-        kind = None
-    if kind != MANIFEST_KIND:
-        raise MskMriError(
-            f"{out_dir} exists and is not a previous analysis (no analysis {MANIFEST_FILE}); "
-            "give a new --out folder or remove it first"
-        )
-
-
 def _require_on_grid(image: Volume, other: Volume, what: str, source: Any) -> None:
     if not image.same_geometry(other):
         raise GeometryError(
@@ -207,21 +180,6 @@ def _segment(image: Volume, segmenter: Segmenter) -> LabelVolume:
 
     check_knee_labels(seg)
     return seg
-
-
-def _versions() -> dict[str, str]:
-    from mskmri import __version__
-
-    out = {"mskmri": __version__, "python": sys.version.split()[0]}
-    for dist in _VERSIONED:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            out[dist] = importlib.metadata.version(dist)
-    return out
-
-
-def _file_record(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return {"bytes": path.stat().st_size, "sha256": digest}
 
 
 def _overlay_figures(image: Volume, seg: LabelVolume, lesions: LabelVolume | None) -> list[Any]:
@@ -322,7 +280,8 @@ def analyze_knee(
     from mskmri.report.html import ReportSection, write_report
 
     out = Path(out_dir)
-    _check_out_dir(out)
+    check_replaceable_dir(out, manifest=MANIFEST_FILE, what="analysis",
+                          is_ours=lambda doc: doc.get("kind") == MANIFEST_KIND)
     timer = StepTimer()
     with timer.step("read", f"reading {image_path}"):
         image = read(image_path, series=series, echo=echo, allow_resample=allow_resample)
@@ -423,10 +382,10 @@ def analyze_knee(
             "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "inputs": {"image": str(image_path), **options},
             "segmentation_source": seg_source,
-            "versions": _versions(),
+            "versions": versions(),
             "platform": platform.platform(terse=True),
             "timings_s": timings,
-            "outputs": {name: _file_record(tmp / name) for name in files},
+            "outputs": {name: file_record(tmp / name) for name in files},
         }
         atomic_write_json(tmp / MANIFEST_FILE, manifest)
     log.info("analysis written to %s in %.1f s; open %s", out, timings["total"],

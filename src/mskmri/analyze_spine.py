@@ -15,7 +15,6 @@ Fracture grades are not made yet (the grading issue); the report says so.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import logging
 import os
@@ -25,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mskmri.errors import GeometryError, MskMriError
+from mskmri._provenance import check_replaceable_dir, file_record
+from mskmri.errors import GeometryError
 
 log = logging.getLogger(__name__)
 
@@ -59,30 +59,6 @@ class SpineAnalysisResult:
     document: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _check_out_dir(out: Path) -> None:
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise MskMriError(f"--out {out} exists and is not a folder; give a new folder name")
-    if any(out.iterdir()):
-        manifest = out / MANIFEST_FILE
-        try:
-            ok = json.loads(manifest.read_text(encoding="utf-8")).get("schema") == MANIFEST_SCHEMA
-        except (OSError, ValueError):
-            ok = False
-        if not ok:
-            raise MskMriError(f"--out {out} is a non-empty folder that is not a previous "
-                              "analysis; give a new or empty folder")
 
 
 def analyze_spine(image_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
@@ -131,7 +107,8 @@ def analyze_spine(image_path: str | os.PathLike[str], out_dir: str | os.PathLike
     from mskmri.segment.spine import segment_spine
 
     out = Path(out_dir)
-    _check_out_dir(out)
+    check_replaceable_dir(out, manifest=MANIFEST_FILE, what="analysis",
+                          is_ours=lambda doc: doc.get("schema") == MANIFEST_SCHEMA)
     command = command or (f"mskmri analyze spine {image_path} --out {out}"
                           + (f" --seg {seg_path}" if seg_path else ""))
     timings: dict[str, float] = {}
@@ -202,7 +179,7 @@ def analyze_spine(image_path: str | os.PathLike[str], out_dir: str | os.PathLike
             "mskmri_version": __version__, "platform": platform.platform(terse=True),
             "segmentation": seg_record, "warnings": warnings,
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
-            "outputs": {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)}
+            "outputs": {n: file_record(tmp / n)
                         for n in files},
         }
         atomic_write_json(tmp / MANIFEST_FILE, manifest)

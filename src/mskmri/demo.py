@@ -28,13 +28,9 @@ given seed (the timings and creation date aside).
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import importlib.metadata
-import json
 import logging
 import os
 import platform
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from mskmri._provenance import check_replaceable_dir, file_record, versions
 from mskmri._timing import StepTimer
 from mskmri.errors import MskMriError
 
@@ -79,10 +76,6 @@ OVERVIEW_STRUCTURES: tuple[str, ...] = (
 VIEW_VOXEL_MM = 2.5
 
 #: Distributions whose versions go into the manifest.
-_VERSIONED = ("numpy", "scipy", "nibabel", "scikit-image", "connected-components-3d",
-              "matplotlib", "jinja2", "SimpleITK", "pydicom")
-
-
 @dataclass(frozen=True)
 class DemoResult:
     """What :func:`run_demo` wrote.
@@ -103,46 +96,6 @@ class DemoResult:
     files: dict[str, Path]
     timings_s: dict[str, float]
     measurements: dict[str, Any]
-
-
-def _check_out_dir(out_dir: Path) -> None:
-    """Refuse to replace anything but a previous demo folder (or an empty one)."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise MskMriError(f"{out_dir} exists and is not a folder; give a new --out folder")
-    if not any(out_dir.iterdir()):
-        return
-    manifest = out_dir / MANIFEST_FILE
-    try:
-        kind = json.loads(manifest.read_text(encoding="utf-8")).get("kind")
-    except (OSError, ValueError, AttributeError):
-        kind = None
-    if kind != MANIFEST_KIND:
-        raise MskMriError(
-            f"{out_dir} exists and is not a previous demo output (no demo {MANIFEST_FILE}); "
-            "give a new --out folder or remove it first"
-        )
-
-
-def _versions() -> dict[str, str]:
-    from mskmri import __version__
-
-    out = {"mskmri": __version__, "python": sys.version.split()[0]}
-    for dist in _VERSIONED:
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return out
-
-
-def _file_record(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def _jsonable(obj: Any) -> Any:
@@ -219,7 +172,8 @@ def run_demo(
         raise MskMriError(f"the demo renders {', '.join(DEMO_CONTRASTS)}, not {contrast!r}")
     seed = int(seed)
     out = Path(out_dir)
-    _check_out_dir(out)
+    check_replaceable_dir(out, manifest=MANIFEST_FILE, what="demo output",
+                          is_ours=lambda doc: doc.get("kind") == MANIFEST_KIND)
     command = command or f"mskmri demo --out {out} --seed {seed} --contrast {contrast}"
     timer = StepTimer()
     log.info("mskmri demo: phantom knee, %s contrast, seed %d -> %s", contrast, seed, out)
@@ -297,12 +251,12 @@ def run_demo(
             "command": command,
             "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "options": options,
-            "versions": _versions(),
+            "versions": versions(),
             "platform": platform.platform(terse=True),
             "synthesis": {"phantom": _jsonable(truth.meta.get("phantom", {})),
                           "render": _jsonable(synth.params)},
             "timings_s": timings,
-            "outputs": {name: _file_record(tmp / name) for name in files},
+            "outputs": {name: file_record(tmp / name) for name in files},
         }
         atomic_write_json(tmp / MANIFEST_FILE, manifest)
 
