@@ -359,6 +359,9 @@ def analyze_knee(
             if lesions is not None:
                 write(lesions, tmp / LESIONS_FILE)
             write_measurements(tmp / MEASUREMENTS_FILE, document)
+            from mskmri.report.dicom_out import write_dicom_outputs  # DICOM input only
+
+            warnings += write_dicom_outputs(image, seg, document, tmp, lesions=lesions).warnings
         with timer.step("report", "drawing overlays and writing the report"):
             figures = _overlay_figures(image, seg, lesions)
             options = {"seg": str(seg_path) if seg_path is not None else None,

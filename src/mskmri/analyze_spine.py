@@ -151,6 +151,9 @@ def analyze_spine(image_path: str | os.PathLike[str], out_dir: str | os.PathLike
         atomic_write_json(sidecar_path(tmp / SEGMENTATION_FILE),
                           {**seg.sidecar(), "segmentation": seg_record})
         write_measurements(tmp / MEASUREMENTS_FILE, document)
+        from mskmri.report.dicom_out import write_dicom_outputs  # DICOM input only
+
+        warnings += write_dicom_outputs(image, seg, document, tmp).warnings
         png, caption = spine_drawing(image, seg, analysis)
         (tmp / DRAWING_FILE).write_bytes(png)
         centre = label_centroid_world(seg)

@@ -1088,3 +1088,55 @@ def read_dicom(
     vol = Volume(array, LPS_TO_RAS @ affine_lps, meta, geometry_known=geometry_known)
     log.debug("read DICOM %s: %s", what, vol)
     return vol
+
+
+def read_source_datasets(volume: Volume) -> list[Any]:
+    """The headers of the DICOM files a volume was read from, in slice order (axis 2).
+
+    For writing DICOM objects that reference the source series (SEG, SR): each file in
+    ``volume.meta["files"]`` is read again without its pixel data (``stop_before_pixels``),
+    so the pixels are never loaded twice.
+
+    Parameters
+    ----------
+    volume : Volume
+        A volume returned by :func:`read_dicom` (``meta["format"] == "dicom"``). A volume
+        derived from it keeps the list as long as its ``meta`` is kept.
+
+    Returns
+    -------
+    list of pydicom.Dataset
+        One header per slice, ``result[k]`` for ``volume.array[:, :, k]`` (for a volume
+        resampled along the normal, ``meta["resampled_slices"]``, one per *source* file).
+
+    Raises
+    ------
+    DicomSeriesError
+        The volume was not read from DICOM, or a source file is gone or no longer holds the
+        SOPInstanceUID it had when the volume was read.
+    """
+    import pydicom
+
+    files = volume.meta.get("files")
+    uids = volume.meta.get("sop_instance_uids")
+    if volume.meta.get("format") != "dicom" or not files or not uids or len(files) != len(uids):
+        raise DicomSeriesError(
+            f"{volume.meta.get('source', 'this volume')} was not read from a DICOM series (no "
+            "source file list in its metadata); read the DICOM folder with mskmri.io.read"
+        )
+    out = []
+    for f, uid in zip(files, uids, strict=True):
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
+        except Exception as exc:  # removed or damaged since it was read
+            raise DicomSeriesError(
+                f"{f}: the source DICOM file could not be read again ({type(exc).__name__}); "
+                "keep the input folder unchanged while the analysis runs"
+            ) from exc
+        if _text(ds, "SOPInstanceUID") != uid:
+            raise DicomSeriesError(
+                f"{f} now holds SOPInstanceUID {_text(ds, 'SOPInstanceUID')!r}, not {uid!r} "
+                "as when it was read; keep the input folder unchanged while the analysis runs"
+            )
+        out.append(ds)
+    return out
