@@ -328,6 +328,13 @@ def test_failure_while_saving_leaves_no_file(axial, tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == []  # no SEG alone, no temporary file
 
 
+def test_without_highdicom_a_warning_names_the_install_command(axial, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "highdicom", None)  # import fails as if not installed
+    res = write_dicom_outputs(axial["image"], axial["seg"], axial["doc"], tmp_path / "out")
+    assert res.files == [] and "mskmri[dicom-out]" in res.warnings[0]
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
 def test_resampled_series_gets_the_sr_only(tmp_path):
     positions = np.array([[0, 0, z] for z in (0.0, 2.0, 4.0, 8.0, 10.0)])  # one slice missing
     write_series(tmp_path / "dicom", ramp((6, 5, 5)), positions=positions)

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
+from mskmri._optional import optional_import
 from mskmri.errors import GeometryError, LabelError, MskMriError
 from mskmri.volume import LPS_TO_RAS, LabelVolume, Volume
 
@@ -364,7 +365,7 @@ def _on_source_grid(volume: LabelVolume, grid: np.ndarray, n_slices: int, what: 
 
 
 def _segment_description(info: SegmentInfo, version: str) -> Any:
-    import highdicom as hd
+    hd = optional_import("highdicom")
 
     codes = segment_codes(info.name)
     return hd.seg.SegmentDescription(
@@ -417,7 +418,7 @@ def build_segmentation(
     MskMriError
         Nothing to write (no labelled voxel at all).
     """
-    import highdicom as hd
+    hd = optional_import("highdicom")
 
     from mskmri import __version__
 
@@ -528,7 +529,7 @@ def build_measurement_report(
     skipped : list of str
         Measurements left out and why (not measured, or a unit with no UCUM code here).
     """
-    import highdicom as hd
+    hd = optional_import("highdicom")
 
     from mskmri import __version__
 
@@ -729,7 +730,7 @@ def read_sr_measurements(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         ``segment_number`` (referenced segment or None), ``seg_uid`` (referenced SEG
         SOPInstanceUID or None).
     """
-    import highdicom as hd
+    hd = optional_import("highdicom")
 
     sr = hd.sr.srread(path)
     out: list[dict[str, Any]] = []
