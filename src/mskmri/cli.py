@@ -555,6 +555,45 @@ def _run_detect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ==== cohort
+def _add_cohort(sub: Any) -> None:
+    from mskmri.cohort import ANATOMIES, DEFAULT_WORKERS, EXIT_SOME_FAILED
+
+    p = sub.add_parser("cohort", help="analyse many studies (a CSV of paths and groups) on "
+                       "Dask: resumable, failures isolated, one measurement table",
+                       description="Exit status: 0 all studies succeeded, "
+                       f"{EXIT_SOME_FAILED} some failed (listed in DIR/failures.csv), 2 bad "
+                       "manifest or options.")
+    p.add_argument("manifest", metavar="MANIFEST", help="CSV with columns path, group, "
+                   "anatomy (knee|spine) and optionally id, seg, lesions and any others "
+                   "(carried into the table)")
+    p.add_argument("--out", required=True, metavar="DIR", help="cohort folder (an earlier "
+                   "cohort folder is resumed: complete studies are skipped)")
+    p.add_argument("--anatomy", choices=ANATOMIES, help="anatomy of rows that name none")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="address of a running Dask "
+                   "scheduler (e.g. tcp://host:8786); default: a local cluster")
+    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS, metavar="N",
+                   help=f"local worker processes, one thread each (default {DEFAULT_WORKERS})")
+    p.add_argument("--overwrite", action="store_true", help="analyse every study again, "
+                   "even those complete from an earlier run")
+    p.add_argument("--no-meshes", action="store_true", help="knee: skip meshes and 3-D views")
+    p.set_defaults(run=_run_cohort)
+
+
+def _run_cohort(args: argparse.Namespace) -> int:
+    """Run the cohort; exit 0 when all studies succeeded, EXIT_SOME_FAILED otherwise."""
+    import shlex
+
+    from mskmri.cohort import run_cohort
+
+    command = "mskmri " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] \
+        else None
+    res = run_cohort(args.manifest, args.out, anatomy=args.anatomy, scheduler=args.scheduler,
+                     workers=args.workers, overwrite=args.overwrite,
+                     meshes=not args.no_meshes, command=command)
+    return res.exit_status
+
+
 # ============================================================================ registry
 #: (adder) for every subcommand, in help order. Add new commands here.
 _COMMANDS: list[Callable[[Any], None]] = [
@@ -569,6 +608,7 @@ _COMMANDS: list[Callable[[Any], None]] = [
     _add_segment,
     _add_analyze,
     _add_detect,
+    _add_cohort,
 ]
 
 

@@ -1,4 +1,4 @@
-"""A procedural knee that needs no input at all, for the demo and fast tests.
+"""Procedural knee and spine phantoms that need no input at all, for the demo and fast tests.
 
 :func:`phantom_knee` builds a right knee in a RAS grid from simple solids (femoral shaft,
 two condyles, trochlea and intercondylar notch; tibial plateau, spine, metaphysis and
@@ -6,12 +6,19 @@ shaft; patella; fibular head and shaft), puts cartilage on the articular surface
 distance transform, then lets :func:`mskmri.synth.anatomy.complete_knee` add menisci,
 ligaments, patellar tendon, fat pad, muscle, effusion and a bone marrow lesion. Every one
 of the 17 knee classes is present. Sizes follow an adult knee (femoral condyles about 75 mm
-wide, cartilage 2-3 mm thick), scaled by a random factor per seed.
+wide, cartilage 2-3 mm thick, or thinner with ``cartilage_scale``), scaled by a random factor
+per seed.
+
+:func:`phantom_spine` draws a sagittal, T2-like lumbar spine image and its spine-schema truth
+(bodies by level, discs, sacrum, cord, CSF) from rounded boxes on a lordotic curve; optional
+wedge deformities give known anterior/posterior height ratios.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -20,7 +27,7 @@ from mskmri.labels import KNEE, KNEE_ID
 from mskmri.synth._common import SynthesisError, rng_for
 from mskmri.synth._geometry import ellipsoid_radius, segment_distance
 from mskmri.synth.anatomy import AnatomyOptions, complete_knee
-from mskmri.volume import LabelVolume
+from mskmri.volume import LabelVolume, Volume
 
 K = KNEE_ID
 
@@ -30,10 +37,12 @@ PHANTOM_SHAPE = (64, 96, 96)
 PHANTOM_SPACING = (1.5, 1.25, 1.25)
 #: Field of view (mm) the knee is designed for; smaller grids scale the knee down.
 DESIGN_FOV_MM = (96.0, 120.0, 120.0)
+#: Allowed factors on the cartilage thickness (thinner than half a plate vanishes on the grid).
+CARTILAGE_SCALE_RANGE = (0.4, 1.5)
 
 
-def _solids(shape: Sequence[int], spacing: Sequence[float], rng: np.random.Generator
-            ) -> tuple[np.ndarray, dict[str, float]]:
+def _solids(shape: Sequence[int], spacing: Sequence[float], rng: np.random.Generator,
+            cartilage_scale: float = 1.0) -> tuple[np.ndarray, dict[str, float]]:
     fov = np.asarray(shape) * np.asarray(spacing)
     s = float(min(1.0, *(fov / np.asarray(DESIGN_FOV_MM)))) * float(rng.uniform(0.9, 1.0))
     j = lambda: float(rng.uniform(0.95, 1.05))  # noqa: E731  (per-solid size jitter)
@@ -79,12 +88,12 @@ def _solids(shape: Sequence[int], spacing: Sequence[float], rng: np.random.Gener
     # ---------------- cartilage by distance from the bone surfaces
     sp = tuple(float(v) for v in spacing)
     d_fem = ndimage.distance_transform_edt(lab != K["femur"], sampling=sp)
-    t_fem = 2.4 * s
+    t_fem = 2.4 * s * cartilage_scale
     fem_cart = (d_fem > 0) & (d_fem <= t_fem) & (z < zj + 40 * s) & (np.abs(x - cx) < 33 * s)
     fem_cart &= ~((np.abs(x - cx) < 9 * s) & (y < cy + 4 * s) & (z > zj))  # no cartilage in the notch
     lab[fem_cart & (lab == 0)] = K["femoral_cartilage"]
     d_tib = ndimage.distance_transform_edt(lab != K["tibia"], sampling=sp)
-    plate = (d_tib > 0) & (d_tib <= 2.0 * s) & (z > top_here - 1.0) & (np.abs(x - cx) > 7 * s)
+    plate = (d_tib > 0) & (d_tib <= 2.0 * s * cartilage_scale) & (z > top_here - 1.0) & (np.abs(x - cx) > 7 * s)
     # medial plate oval (longer antero-posteriorly), lateral plate rounder
     plate &= np.where(x < cx,
                       ellipsoid_radius(x, y, z, (cx, cy - 6 * s, plateau_top), (34 * s, 20 * s, 10 * s)) < 1,
@@ -92,7 +101,7 @@ def _solids(shape: Sequence[int], spacing: Sequence[float], rng: np.random.Gener
     lab[plate & (x < cx) & (lab == 0)] = K["medial_tibial_cartilage"]
     lab[plate & (x >= cx) & (lab == 0)] = K["lateral_tibial_cartilage"]
     d_pat = ndimage.distance_transform_edt(lab != K["patella"], sampling=sp)
-    pat_cart = (d_pat > 0) & (d_pat <= 3.0 * s) & (y < pat_c[1] - 2 * s)
+    pat_cart = (d_pat > 0) & (d_pat <= 3.0 * s * cartilage_scale) & (y < pat_c[1] - 2 * s)
     lab[pat_cart & (lab == 0)] = K["patellar_cartilage"]
     return lab, {"scale": s, "joint_line_mm": zj}
 
@@ -104,6 +113,7 @@ def phantom_knee(
     spacing: Sequence[float] = PHANTOM_SPACING,
     effusion_ml: float = 6.0,
     lesion_ml: float | None = 1.0,
+    cartilage_scale: float = 1.0,
 ) -> tuple[LabelVolume, LabelVolume]:
     """A procedural right knee with all 17 knee classes and one femoral BML.
 
@@ -120,6 +130,9 @@ def phantom_knee(
         Joint effusion volume (mL).
     lesion_ml : float or None
         Volume (mL) of the femoral bone marrow lesion; None for a lesion-free knee.
+    cartilage_scale : float
+        Factor on every cartilage plate's thickness (1 = about 2.4 mm femoral, 2 mm tibial,
+        3 mm patellar; e.g. 0.7 for the thinner cartilage of an osteoarthritic knee).
 
     Returns
     -------
@@ -132,8 +145,12 @@ def phantom_knee(
     spacing = tuple(float(v) for v in spacing)
     if len(spacing) != 3 or min(spacing) <= 0:
         raise SynthesisError(f"phantom spacing must be 3 positive mm values, not {spacing}")
+    if not CARTILAGE_SCALE_RANGE[0] <= cartilage_scale <= CARTILAGE_SCALE_RANGE[1]:
+        raise SynthesisError(f"cartilage_scale must be in {CARTILAGE_SCALE_RANGE}, not "
+                             f"{cartilage_scale}")
     rng = rng_for(seed, "phantom")
-    lab, info = _solids(shape, spacing, rng)
+    lab, info = _solids(shape, spacing, rng, cartilage_scale=float(cartilage_scale))
+    info["cartilage_scale"] = float(cartilage_scale)
     affine = np.diag([*spacing, 1.0])
     base = LabelVolume(lab, affine, dict(KNEE), schema="knee")
     scene = complete_knee(base, seed=seed, effusion_ml=effusion_ml, lesion_ml=lesion_ml,
@@ -150,3 +167,257 @@ def phantom_knee(
         raise SynthesisError(f"phantom grid {shape} at {spacing} mm is too coarse or small to "
                              f"hold {missing}; use a larger grid")
     return truth, lesions
+
+
+# ============================================================================ spine
+#: Default spine phantom grid: 20 sagittal slices of 3 mm (x, left -> right), 200 mm
+#: posterior -> anterior (y) and 240 mm inferior -> superior (z) at 1 mm: a RAS grid.
+SPINE_PHANTOM_SHAPE = (20, 200, 240)
+SPINE_PHANTOM_SPACING = (3.0, 1.0, 1.0)
+#: Levels of the spine phantom, top first; the sacrum follows the last one.
+SPINE_PHANTOM_LEVELS: tuple[str, ...] = ("L1", "L2", "L3", "L4", "L5")
+#: Vertebral body size (mm): height (S-I), depth (A-P), width (L-R), before the per-seed jitter.
+SPINE_BODY_MM = (26.0, 34.0, 44.0)
+#: Disc height (mm) between two bodies.
+SPINE_DISC_MM = 9.0
+#: Cortical shell of the bodies (mm), drawn dark.
+SPINE_CORTEX_MM = 1.0
+#: Lordosis: largest anterior shift (mm) of the column's mid-lumbar part.
+SPINE_LORDOSIS_MM = 12.0
+#: Tilt of the S1 axis from the vertical (degrees, top leaning anterior).
+SPINE_SACRAL_TILT_DEG = 50.0
+#: The sacrum curves anteriorly: each lower segment is this much (degrees) more vertical.
+SACRAL_CURVE_DEG = 12.0
+#: T2-like tissue intensities (arbitrary units, 1 = CSF) of the spine phantom image.
+SPINE_INTENSITY: dict[str, float] = {
+    "air": 0.0, "fat": 0.72, "muscle": 0.22, "viscera": 0.35, "marrow": 0.45,
+    "cortex": 0.15, "nucleus": 0.85, "annulus": 0.28, "csf": 0.95, "cord": 0.42,
+    "posterior_elements": 0.38, "ligament": 0.1,
+}
+#: Image noise (SD, fraction of the CSF intensity) and bias-field amplitude (fraction).
+SPINE_NOISE_SD = 0.03
+SPINE_BIAS_AMPLITUDE = 0.15
+
+
+@dataclass(frozen=True)
+class SpinePhantom:
+    """A synthetic sagittal lumbar spine MRI and its truth.
+
+    Attributes
+    ----------
+    image : Volume
+        T2-like image (float32, arbitrary units with CSF near 1000), RAS grid.
+    labels : LabelVolume
+        Spine-schema truth on the image's grid: vertebral bodies by level (VerSe ids), discs
+        (100 + the id of the vertebra above), sacrum (26), spinal cord (201), CSF (202).
+        Posterior elements are drawn in the image but not labelled (the spine segmenter
+        segments bodies only).
+    params : dict
+        Every sampled size and position (mm, degrees) and the seed.
+    """
+
+    image: Volume
+    labels: LabelVolume
+    params: dict[str, Any]
+
+
+def _superellipse(u: np.ndarray, v: np.ndarray, w: np.ndarray, half: Sequence[float],
+                  power: float = 4.0) -> np.ndarray:
+    """Normalised radius of a rounded box (1 on the surface) in local coordinates (mm)."""
+    return (np.abs(u / half[0]) ** power + np.abs(v / half[1]) ** power
+            + np.abs(w / half[2]) ** 2) ** (1.0 / power)
+
+
+def phantom_spine(
+    *,
+    seed: int = 0,
+    shape: Sequence[int] = SPINE_PHANTOM_SHAPE,
+    spacing: Sequence[float] = SPINE_PHANTOM_SPACING,
+    levels: Sequence[str] = SPINE_PHANTOM_LEVELS,
+    wedge: Mapping[str, float] | None = None,
+) -> SpinePhantom:
+    """A procedural sagittal lumbar spine MRI (T2-like) with its spine-schema truth.
+
+    Vertebral bodies are rounded boxes with a dark cortical shell and textured marrow, set
+    on a lordotic curve and tilted along it, with discs (bright nucleus, dark annulus)
+    between them, a sacrum tilted by :data:`SPINE_SACRAL_TILT_DEG`, the canal (CSF with the
+    cord ending at L1-L2) behind them, posterior elements, paraspinal muscles, subcutaneous
+    fat and abdominal soft tissue in front. A smooth bias field and Gaussian noise are added.
+
+    Parameters
+    ----------
+    seed : int
+        Seed of every random size, shift, texture and the noise.
+    shape : 3 ints
+        Grid shape: axis 0 = x (sagittal slices, left -> right), 1 = y (posterior ->
+        anterior), 2 = z (inferior -> superior).
+    spacing : 3 floats
+        Voxel size in mm; the field of view must hold the levels (about 240 mm S-I).
+    levels : sequence of str
+        Vertebrae drawn, top first (e.g. ``("T12", "L1", ..., "L5")``).
+    wedge : mapping of str to float, optional
+        Level -> anterior / posterior body height ratio (e.g. ``{"L1": 0.7}`` for a wedge
+        deformity); 1 when not given.
+
+    Returns
+    -------
+    SpinePhantom
+    """
+    from mskmri.labels import CSF, DISC_OFFSET, SPINAL_CORD, VERTEBRA_ID, spine_labels_for
+
+    shape = tuple(int(n) for n in shape)
+    spacing = tuple(float(v) for v in spacing)
+    if len(shape) != 3 or len(spacing) != 3 or min(spacing) <= 0 or min(shape) < 8:
+        raise SynthesisError(f"spine phantom needs 3 sizes >= 8 and 3 positive spacings, not "
+                             f"{shape} at {spacing} mm")
+    unknown = [lv for lv in levels if lv not in VERTEBRA_ID or lv == "sacrum"]
+    if unknown or not levels:
+        raise SynthesisError(f"unknown vertebra level(s) {unknown}; give names like T12, L1")
+    wedge = dict(wedge or {})
+    if any(lv not in levels or not 0.3 <= r <= 1.0 for lv, r in wedge.items()):
+        raise SynthesisError(f"wedge ratios must be in [0.3, 1] for drawn levels, not {wedge}")
+    rng = rng_for(seed, "phantom-spine")
+    fov = np.asarray(shape) * np.asarray(spacing)
+    size = float(rng.uniform(0.93, 1.05))
+    body_h, body_d, body_w = (v * size for v in SPINE_BODY_MM)
+    disc_h = SPINE_DISC_MM * size * float(rng.uniform(0.9, 1.1))
+    lordosis = SPINE_LORDOSIS_MM * float(rng.uniform(0.7, 1.3))
+    x = (np.arange(shape[0], dtype=np.float32) * spacing[0])[:, None, None]
+    y = (np.arange(shape[1], dtype=np.float32) * spacing[1])[None, :, None]
+    z = (np.arange(shape[2], dtype=np.float32) * spacing[2])[None, None, :]
+    cx = fov[0] / 2.0
+    # column: bodies' centre line y_c(z), from the sacrum (bottom) up; middle lumbar forward
+    n = len(levels)
+    pitch = body_h + disc_h
+    z_top = fov[2] - 0.5 * pitch + float(rng.uniform(-4.0, 4.0))
+    z_centres = [z_top - i * pitch for i in range(n)]
+    z_sacrum = z_centres[-1] - 0.5 * body_h - disc_h
+    y_post0 = fov[1] * 0.42  # posterior body wall at the ends of the curve
+    span = max(z_centres[0] - z_sacrum, 1.0)
+
+    def y_centre(zz: np.ndarray | float) -> np.ndarray | float:
+        t = (np.asarray(zz) - z_sacrum) / span  # 0 at the sacrum, 1 at the top body
+        return y_post0 + 0.5 * body_d + lordosis * np.sin(np.pi * np.clip(t, 0.0, 1.0))
+
+    def slope(zz: float) -> float:
+        return float(y_centre(zz + 1.0) - y_centre(zz - 1.0)) / 2.0
+
+    lab = np.zeros(shape, dtype=np.int32)
+    tissue = np.full(shape, SPINE_INTENSITY["air"], dtype=np.float32)
+    # trunk: skin at the back (low y), abdomen to the front edge, fat under the skin
+    skin_y = fov[1] * 0.06
+    back = y - skin_y
+    trunk = (back > 0) & (np.abs(x - cx) < fov[0])
+    tissue[np.broadcast_to(trunk, shape)] = SPINE_INTENSITY["viscera"]
+    fat = trunk & (back < 12.0 * size)
+    tissue[np.broadcast_to(fat, shape)] = SPINE_INTENSITY["fat"]
+    yc = np.asarray(y_centre(z), dtype=np.float32)  # (1, 1, nz)
+    post_wall = yc - 0.5 * body_d
+    canal_d = 15.0 * size
+    muscle = (back >= 12.0 * size) & (y < post_wall - canal_d)
+    tissue[np.broadcast_to(muscle, shape)] = SPINE_INTENSITY["muscle"]
+    # posterior elements: laminae + spinous process behind the canal, one per level
+    params_levels: dict[str, Any] = {}
+    for zc in z_centres:
+        ycen = float(y_centre(zc))
+        pe_y = ycen - 0.5 * body_d - canal_d - 14.0 * size
+        pe = ellipsoid_radius(x, y, z, (cx, pe_y, zc - 4.0 * size),
+                              (6.0 * size, 14.0 * size, 11.0 * size)) < 1
+        tissue[np.broadcast_to(pe, shape)] = SPINE_INTENSITY["posterior_elements"]
+    # canal: CSF tube, cord down to the L1-L2 disc
+    canal = (y < post_wall) & (y >= post_wall - canal_d) & (np.abs(x - cx) < 9.0 * size) \
+        & (z > z_sacrum)
+    lab[canal] = CSF
+    tissue[canal] = SPINE_INTENSITY["csf"]
+    conus_z = z_centres[levels.index("L1")] - 0.5 * pitch if "L1" in levels else z_centres[0]
+    cord = canal & (np.abs(y - (post_wall - 0.5 * canal_d)) < 4.0 * size) \
+        & (np.abs(x - cx) < 5.0 * size) & (z > conus_z)
+    lab[cord] = SPINAL_CORD
+    tissue[cord] = SPINE_INTENSITY["cord"]
+    # bodies and discs, in the local frame of the curve (u along S-I, v along A-P)
+    marrow_tex = ndimage.gaussian_filter(rng.normal(0.0, 1.0, shape).astype(np.float32),
+                                         sigma=(0.7, 1.5, 1.5))
+    for i, level in enumerate(levels):
+        zc = z_centres[i]
+        ycen = float(y_centre(zc))
+        angle = float(np.arctan(slope(zc)))
+        ca, sa = np.cos(angle), np.sin(angle)
+        dz, dy = z - zc, y - ycen
+        u = dz * ca + dy * sa   # along the column
+        v = -dz * sa + dy * ca  # anterior positive
+        ratio = wedge.get(level, 1.0)
+        # height falls linearly from the posterior wall (v = -d/2) to the anterior (v = d/2)
+        half_h = 0.5 * body_h * (1.0 - (1.0 - ratio) * np.clip(v / body_d + 0.5, 0.0, 1.0))
+        jitter = float(rng.uniform(0.95, 1.05))
+        r = _superellipse(u, v, x - cx, (half_h * jitter, 0.5 * body_d, 0.5 * body_w))
+        body = r < 1.0
+        vid = VERTEBRA_ID[level]
+        lab[body] = vid
+        depth = (1.0 - r) * min(body_h, body_d) * 0.5
+        tissue[body] = np.where(depth[body] < SPINE_CORTEX_MM, SPINE_INTENSITY["cortex"],
+                                SPINE_INTENSITY["marrow"] * (1.0 + 0.25 * marrow_tex[body]))
+        params_levels[level] = {"centre_z_mm": zc, "centre_y_mm": ycen,
+                                "tilt_deg": float(np.degrees(angle)), "wedge_ratio": ratio,
+                                "height_mm": body_h * jitter}
+        # the disc below this body (above the next one or the sacrum)
+        zd = zc - 0.5 * pitch
+        yd = float(y_centre(zd))
+        ad = float(np.arctan(slope(zd)))
+        ud = (z - zd) * np.cos(ad) + (y - yd) * np.sin(ad)
+        vd = -(z - zd) * np.sin(ad) + (y - yd) * np.cos(ad)
+        rd = _superellipse(ud, vd, x - cx, (0.5 * disc_h + 1.0, 0.5 * body_d - 0.5,
+                                            0.5 * body_w - 1.0), power=3.0)
+        disc = (rd < 1.0) & (lab == 0)
+        lab[disc] = DISC_OFFSET + vid
+        nucleus = disc & (rd < 0.6)
+        tissue[disc] = SPINE_INTENSITY["annulus"]
+        tissue[nucleus] = SPINE_INTENSITY["nucleus"]
+    # sacrum: S1, S2, S3 as rounded boxes, smaller and more tilted downwards, fused
+    # (no disc between them), running posterior-inferior from the last disc; the canal
+    # follows its posterior surface
+    tilt0 = float(np.radians(SPINE_SACRAL_TILT_DEG * float(rng.uniform(0.9, 1.1))))
+    py, pz = float(y_centre(z_sacrum)), z_sacrum
+    sacrum = np.zeros(shape, dtype=bool)
+    sac_canal = np.zeros(shape, dtype=bool)
+    for k, (fh, fd, fw) in enumerate(((0.95, 1.0, 1.0), (0.8, 0.85, 0.85), (0.6, 0.7, 0.7))):
+        tk = tilt0 - np.radians(SACRAL_CURVE_DEG * k)
+        dy_axis, dz_axis = -np.sin(tk), -np.cos(tk)  # down the sacrum (posterior, inferior)
+        h = body_h * fh
+        cy_k, cz_k = py + dy_axis * 0.5 * h, pz + dz_axis * 0.5 * h
+        u = (y - cy_k) * dy_axis + (z - cz_k) * dz_axis
+        v = (y - cy_k) * (-dz_axis) + (z - cz_k) * dy_axis  # anterior positive
+        # each segment has its own cortical shell: a dark line where the fused discs were
+        r = _superellipse(u, v, x - cx, (0.5 * h, 0.5 * body_d * fd, 0.5 * body_w * fw))
+        seg = (r < 1.0) & (lab == 0) & ~sacrum
+        depth = (1.0 - r) * min(h, body_d * fd) * 0.5
+        tissue[seg] = np.where(depth[seg] < SPINE_CORTEX_MM, SPINE_INTENSITY["cortex"],
+                               SPINE_INTENSITY["marrow"] * (1.0 + 0.25 * marrow_tex[seg]))
+        sacrum |= seg
+        sac_canal |= (v < -0.5 * body_d * fd) & (v > -0.5 * body_d * fd - 0.6 * canal_d) \
+            & (np.abs(u) < 0.5 * h + 1.0) & (np.abs(x - cx) < 9.0 * size)
+        py, pz = py + dy_axis * h, pz + dz_axis * h
+    lab[sacrum] = VERTEBRA_ID["sacrum"]
+    sac_canal &= (lab == 0) & (z < z_sacrum)
+    lab[sac_canal] = CSF
+    tissue[sac_canal] = SPINE_INTENSITY["csf"]
+    # bias field (smooth, low order) and noise
+    gy = (y / fov[1] - 0.5)
+    gz = (z / fov[2] - 0.5)
+    bias = 1.0 + SPINE_BIAS_AMPLITUDE * float(rng.uniform(-1, 1)) * gy \
+        + SPINE_BIAS_AMPLITUDE * float(rng.uniform(-1, 1)) * gz
+    img = ndimage.gaussian_filter(tissue * bias, sigma=(0.3, 0.6, 0.6))
+    img = img + rng.normal(0.0, SPINE_NOISE_SD, shape).astype(np.float32)
+    img = np.clip(img, 0.0, None).astype(np.float32) * 1000.0
+    affine = np.diag([*spacing, 1.0])
+    present = sorted(int(v) for v in np.unique(lab) if v)
+    labels = LabelVolume(lab, affine, spine_labels_for(present), schema="spine",
+                         meta={"synthetic": True})
+    params: dict[str, Any] = {
+        "seed": int(seed), "size_factor": size, "disc_height_mm": disc_h,
+        "lordosis_mm": lordosis, "sacral_tilt_deg": float(np.degrees(tilt0)),
+        "levels": params_levels, "noise_sd": SPINE_NOISE_SD,
+    }
+    labels.meta["phantom"] = params
+    image = Volume(img, affine, {"synthetic": True, "source": f"spine phantom, seed {seed}",
+                                 "phantom": params})
+    return SpinePhantom(image=image, labels=labels, params=params)
