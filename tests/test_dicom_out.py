@@ -164,6 +164,7 @@ def test_spine_codes_by_level_and_local_fallbacks():
     assert segment_codes("L1").type.value == "66794005"  # L1 vertebra
     assert segment_codes("disc_L4-L5").type.value == "84020006"  # L4/L5 disc
     assert segment_codes("disc_L5-S1").type.value == "715056000"
+    assert segment_codes("L4-L5") == segment_codes("disc_L4-L5")  # as measurements name discs
     assert segment_codes("spinal_cord").type.value == "2748008"
     assert segment_codes("L6").type.meaning == "Vertebra"  # no L6 code: generic vertebra
     assert segment_codes("V1002").type.meaning == "Vertebra"
@@ -371,6 +372,39 @@ def test_analyze_knee_with_a_dicom_folder_writes_seg_and_sr(axial, tmp_path):
     assert np.array_equal(masks[..., 0].astype(bool), axial["seg"].array == 1)
     manifest = json.loads((tmp_path / "knee" / "manifest.json").read_text(encoding="utf-8"))
     assert SEG_FILE in manifest["outputs"] and SR_FILE in manifest["outputs"]
+
+
+def test_analyze_spine_with_a_dicom_folder_writes_seg_and_sr(tmp_path):
+    """Sagittal synthetic series, three 16 mm bodies (L1-L3) 8 mm apart, given as --seg."""
+    from mskmri.analyze_spine import analyze_spine
+    from mskmri.labels import spine_labels_for
+
+    shape = (48, 80, 9)  # columns run anterior->posterior, rows superior->inferior
+    arr = np.full(shape, 100, np.int16)
+    lab = np.zeros(shape, np.uint8)
+    for n, value in enumerate((20, 21, 22)):
+        lab[10:34, 8 + 24 * n:24 + 24 * n, 2:7] = value
+    arr[lab > 0] = 400
+    write_series(tmp_path / "dicom", arr, row_cosine=(0, 1, 0), col_cosine=(0, 0, -1),
+                 pixel_spacing=(1.0, 1.0), slice_spacing=3.0)
+    image = read(tmp_path / "dicom")
+    seg = LabelVolume(lab, image.affine, labels=spine_labels_for({20, 21, 22}), schema="spine")
+    write(seg, tmp_path / "seg.nii.gz")
+    res = analyze_spine(tmp_path / "dicom", tmp_path / "out", seg_path=tmp_path / "seg.nii.gz")
+    assert {SEG_FILE, SR_FILE} <= set(res.files)
+    ds = pydicom.dcmread(tmp_path / "out" / SEG_FILE, stop_before_pixels=True)
+    assert [(s.SegmentLabel, s.SegmentedPropertyTypeCodeSequence[0].CodeMeaning)
+            for s in ds.SegmentSequence] == [
+        ("L1", "L1 vertebra"), ("L2", "L2 vertebra"), ("L3", "L3 vertebra")]
+    doc = json.loads((tmp_path / "out" / "measurements.json").read_text(encoding="utf-8"))
+    written = [m for m in doc["measurements"] if m["value"] is not None]
+    got = read_sr_measurements(tmp_path / "out" / SR_FILE)
+    assert [g["value"] for g in got] == pytest.approx([m["value"] for m in written], rel=1e-9)
+    heights = [g for g in got if g["name"] == "middle_height"]
+    assert [(g["group"], g["value"], g["unit"], g["segment_number"]) for g in heights] == [
+        ("L1", 16.0, "mm", 1), ("L2", 16.0, "mm", 2), ("L3", 16.0, "mm", 3)]
+    discs = [g for g in got if g["group"] == "L1-L2"]  # no disc segment: a study-level group
+    assert discs and all(g["segment_number"] is None for g in discs)
 
 
 # --------------------------------------------------------------------------- real data

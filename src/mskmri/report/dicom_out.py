@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,14 +182,18 @@ def _resolve(ref: str) -> Code:
     return _code(scheme, name)
 
 
+#: A disc named by its two levels, as spine measurements name it (``"L4-L5"``, ``"L5-S1"``).
+_DISC_LEVELS: Final = re.compile(r"^[CTLSV]\d+-[CTLSV]\d+$")
+
+
 def segment_codes(name: str) -> SegmentCodes:
     """Coded category, type and region of a structure of the knee, spine or lesion schema.
 
     Parameters
     ----------
     name : str
-        Project name: ``"femur"``, ``"medial_meniscus"``, ``"L3"``, ``"disc_L4-L5"``,
-        ``"V1001"``, ``"spinal_cord"``, ``"bone_marrow_lesion"`` ...
+        Project name: ``"femur"``, ``"medial_meniscus"``, ``"L3"``, ``"disc_L4-L5"`` (or
+        ``"L4-L5"``), ``"V1001"``, ``"spinal_cord"``, ``"bone_marrow_lesion"`` ...
 
     Returns
     -------
@@ -202,6 +207,8 @@ def segment_codes(name: str) -> SegmentCodes:
     if name in _KNEE_CODES:
         cat, typ, reg = _KNEE_CODES[name]
         return SegmentCodes(_resolve(cat), _resolve(typ), _resolve(reg) if reg else None)
+    if _DISC_LEVELS.match(name):  # a measurement's structure "L4-L5" is the disc
+        name = f"disc_{name}"
     if name.startswith("disc_"):  # disc_L4-L5 -> SCT.L4L5Disc
         attr = name[len("disc_"):].replace("-", "") + "Disc"
         try:
