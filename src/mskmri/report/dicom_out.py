@@ -307,9 +307,10 @@ def _headers_for_highdicom(source: Sequence[Dataset]) -> list[Dataset]:
 
     out = []
     for ds in source:
-        ds = copy.deepcopy(ds)  # headers only (no pixel data): small; the caller's stay as given
-        for keyword in _TYPE2_COPIED:
-            if keyword not in ds:
+        missing = [k for k in _TYPE2_COPIED if k not in ds]
+        if missing:
+            ds = copy.deepcopy(ds)  # headers only (no pixels): small; the caller's stay as given
+            for keyword in missing:
                 setattr(ds, keyword, "")
         out.append(ds)
     return out
@@ -465,11 +466,13 @@ def build_segmentation(
             lut[i.value] = i.number
         pixels = lut[values].transpose(2, 1, 0)
     else:
-        # lesions overlap bones: stacked style, (slices, rows, cols, segments), filled in place
-        pixels = np.zeros((len(source), rows, cols, len(infos)), np.uint8)
-        for i in infos:
-            mask = lesion_mask if i.source == "lesions" else values == i.value
-            pixels[..., i.number - 1] = mask.transpose(2, 1, 0)
+        # lesions overlap bones: stacked style (slices, rows, cols, segments), one-hot in a
+        # single contiguous pass (filling one segment at a time is ~10x slower: strided writes)
+        frames = np.ascontiguousarray(values.transpose(2, 1, 0))
+        pixels = np.empty((*frames.shape, len(infos)), bool)
+        np.equal(frames[..., None], [i.value for i in infos if i.source == "labels"],
+                 out=pixels[..., :-1])
+        pixels[..., -1] = lesion_mask.transpose(2, 1, 0)
     seg = hd.seg.Segmentation(
         source_images=_headers_for_highdicom(source),
         pixel_array=pixels,
@@ -656,6 +659,7 @@ def write_dicom_seg_and_sr(
 
     out = Path(out_dir)
     result = DicomOutputs()
+    source = _headers_for_highdicom(source)  # once for both (the builders then copy nothing)
     seg = None
     if resampled:
         result.warnings.append("no DICOM SEG: the series was resampled along the slice normal "
