@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -201,10 +202,75 @@ def test_a_segmenter_slots_in(inputs, tmp_path):
     assert res.warnings[0] == "test segmenter: low confidence"
     seg = read_labels(tmp_path / "o" / "segmentation.nii.gz", schema="knee")
     assert np.array_equal(seg.array, truth.array)
-    # an existing non-analysis folder is never replaced
+    # an existing non-analysis folder is never replaced, not even with overwrite
     (tmp_path / "keep").mkdir()
     (tmp_path / "keep" / "mine.txt").write_text("x")
     from mskmri.errors import MskMriError
 
-    with pytest.raises(MskMriError, match="not a previous analysis"):
+    with pytest.raises(MskMriError, match="--overwrite"):
         analyze_knee(inputs["image"], tmp_path / "keep", segmenter=segmenter, meshes=False)
+    with pytest.raises(MskMriError, match="not an earlier mskmri analysis"):
+        analyze_knee(inputs["image"], tmp_path / "keep", segmenter=segmenter, meshes=False,
+                     overwrite=True)
+    assert [p.name for p in (tmp_path / "keep").iterdir()] == ["mine.txt"]
+
+
+# --------------------------------------------------------------------------- --overwrite
+def test_existing_out_is_refused_without_overwrite(inputs, tmp_path, capsys):
+    out = tmp_path / "o"
+    argv = ["analyze", "knee", str(inputs["image"]), "--out", str(out), "--seg",
+            str(inputs["seg"]), "--no-meshes"]
+    assert main(["-q", *argv]) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    rc = main(["-q", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--overwrite" in err and "Traceback" not in err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # untouched
+    # an empty folder is an existing folder too
+    (tmp_path / "empty").mkdir()
+    assert main(["-q", "analyze", "knee", str(inputs["image"]), "--out",
+                 str(tmp_path / "empty"), "--seg", str(inputs["seg"]), "--no-meshes"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_an_earlier_analysis_atomically(inputs, tmp_path):
+    out = tmp_path / "o"
+    argv = ["-q", "analyze", "knee", str(inputs["image"]), "--out", str(out), "--seg",
+            str(inputs["seg"]), "--no-meshes"]
+    assert main(argv) == 0
+    (out / "stale.txt").write_text("from before")
+    assert main([*argv, "--lesions", str(inputs["lesions"]), "--overwrite"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert "stale.txt" not in names and "lesions.nii.gz" in names  # the new analysis, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]  # no temporary or old folder left
+    man = _json(out / "manifest.json")
+    assert "--overwrite" in man["command"]
+    assert man["input_checksums"]["image"]["sha256"] == __import__("hashlib").sha256(
+        inputs["image"].read_bytes()).hexdigest()
+
+
+def test_pdf_without_chromium_exits_2_before_any_work(inputs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MSKMRI_CHROMIUM", str(tmp_path / "no-such-browser"))
+    out = tmp_path / "o"
+    _exit_2(capsys, ["analyze", "knee", str(inputs["image"]), "--out", str(out), "--seg",
+                     str(inputs["seg"]), "--pdf"], out, "--pdf", "chromium")
+
+
+def test_report_lists_what_was_not_measured_and_the_lesions(analysis, tmp_path, inputs):
+    html = (analysis / "report.html").read_text(encoding="utf-8")
+    assert 'id="lesions"' in html and "Centroid (RAS, mm)" in html
+    assert 'id="qc"' in html and 'id="study"' in html and 'id="methods"' in html
+    assert "label map given with --seg" in html  # the segmentation's source, as a model row
+    # a label map without the ligaments and no lesion mask: both listed as not measured
+    seg = read_labels(inputs["seg"], schema="knee")
+    a = seg.array.copy()
+    a[np.isin(a, [KNEE_ID["anterior_cruciate_ligament"], KNEE_ID["posterior_cruciate_ligament"]])] = 0
+    write(seg.with_array(a), tmp_path / "noacl.nii.gz")
+    analyze_knee(inputs["image"], tmp_path / "o", seg_path=tmp_path / "noacl.nii.gz",
+                 meshes=False)
+    html = (tmp_path / "o" / "report.html").read_text(encoding="utf-8")
+    row = re.search(r"<tr><td>Volume of: ([^<]*)</td><td class=\"reason\">([^<]*)<", html)
+    assert row and row.group(1) == "anterior cruciate ligament, posterior cruciate ligament"
+    assert row.group(2) == "not in the label map"
+    assert "no lesion mask was given" in html
+    assert 'data-key="volume.anterior_cruciate_ligament"' not in html  # no 0 mL row

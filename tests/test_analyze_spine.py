@@ -4,6 +4,7 @@ outputs, atomic writing and bad input; end to end from the image with the shippe
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -83,8 +84,10 @@ def test_bad_input_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     other = tmp_path / "busy"
     other.mkdir()
     (other / "keep.txt").write_text("x")
-    with pytest.raises(MskMriError, match="not a previous analysis"):
+    with pytest.raises(MskMriError, match="--overwrite"):
         analyze_spine(axial, other)
+    with pytest.raises(MskMriError, match="not an earlier mskmri analysis"):
+        analyze_spine(axial, other, overwrite=True)
     assert (other / "keep.txt").exists()
 
 
@@ -114,3 +117,68 @@ def test_end_to_end_from_image(shared_data: Path, tmp_path: Path) -> None:
                 errors.append(abs(got["value"] - ref.value))
     assert len(errors) >= 9
     assert float(np.median(errors)) <= 2.0
+
+
+# ----------------------------------------------------------------------------- phantoms (fast)
+def test_phantom_analysis_report_and_overwrite(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Five 27 mm boxes on sagittal 4 mm slices: heights measured, the cord and grades listed
+    as not measured with their reason, an existing --out refused unless --overwrite."""
+    from _analysis_inputs import spine_inputs
+
+    paths = spine_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    argv = ["-q", "analyze", "spine", str(paths["image"]), "--out", str(out), "--seg",
+            str(paths["seg"])]
+    assert main(argv) == 0
+    doc = json.loads((out / "measurements.json").read_text())
+    got = {(m["name"], m.get("structure")): m["value"] for m in doc["measurements"]}
+    for level in ("L1", "L2", "L3", "L4", "L5"):
+        assert got[("middle_height", level)] == pytest.approx(27.0, abs=1.0)
+    assert got[("cobb_angle", "L1-L5")] == pytest.approx(0.0, abs=1.0)
+    html = (out / "report.html").read_text()
+    nm = html[html.index('class="not-measured"'):]
+    assert "no spinal cord in the label map" in nm and "Fracture grade" in nm
+    assert all(n not in got for n in (("mscc", None), ("cord_area", None)))
+    for section in ('id="study"', 'id="qc"', 'id="methods"', "Input checksums"):
+        assert section in html
+    manifest = json.loads((out / "analysis.json").read_text())
+    assert manifest["command"].startswith("mskmri analyze spine ")
+    assert set(manifest["input_checksums"]) == {"image", "segmentation"}
+    # an existing folder: refused (one line naming --overwrite), untouched
+    (out / "note.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and err.count("\n") == 1
+    assert (out / "note.txt").exists()
+    assert main([*argv, "--overwrite"]) == 0
+    assert not (out / "note.txt").exists() and (out / "report.html").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def _text_of(html: str) -> str:
+    """The report without its embedded images (base64 can hold any short word)."""
+    return re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "data:", html)
+
+
+def test_dicom_input_phi_only_with_include_phi(tmp_path: Path) -> None:
+    from _analysis_inputs import spine_dicom_inputs
+
+    phi = {"PatientName": "Roe^Richard", "PatientID": "SPN-123", "PatientBirthDate": "19551231",
+           "AccessionNumber": "ACC-77", "InstitutionName": "Example Spine Centre",
+           "RepetitionTime": "3500", "EchoTime": "100"}
+    paths = spine_dicom_inputs(tmp_path / "in", extra=phi)
+    out = tmp_path / "out"
+    assert main(["-q", "analyze", "spine", str(paths["image"]), "--out", str(out), "--seg",
+                 str(paths["seg"])]) == 0
+    html = _text_of((out / "report.html").read_text())
+    for value in ("Roe", "SPN-123", "19551231", "ACC-77", "Example Spine Centre"):
+        assert value not in html
+    assert "left out of this report" in html and "T2-weighted by TR/TE" in html
+    assert main(["-q", "analyze", "spine", str(paths["image"]), "--out", str(out), "--seg",
+                 str(paths["seg"]), "--overwrite", "--include-phi"]) == 0
+    html = (out / "report.html").read_text()
+    for value in ("Roe^Richard", "SPN-123", "19551231", "ACC-77", "Example Spine Centre"):
+        assert value in html
+    assert "Contains patient identifiers" in html

@@ -165,6 +165,7 @@ def test_spine_codes_by_level_and_local_fallbacks():
     assert segment_codes("disc_L4-L5").type.value == "84020006"  # L4/L5 disc
     assert segment_codes("disc_L5-S1").type.value == "715056000"
     assert segment_codes("L4-L5") == segment_codes("disc_L4-L5")  # as measurements name discs
+    assert segment_codes("C2-C7").type == dicom_out._local("C2-C7")  # a range, not a disc
     assert segment_codes("spinal_cord").type.value == "2748008"
     assert segment_codes("L6").type.meaning == "Vertebra"  # no L6 code: generic vertebra
     assert segment_codes("V1002").type.meaning == "Vertebra"

@@ -40,15 +40,16 @@ from __future__ import annotations
 import datetime as _dt
 import importlib
 import importlib.metadata
+import json
 import logging
 import os
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from mskmri._provenance import check_replaceable_dir, file_record, versions
+from mskmri._provenance import file_record, versions
 from mskmri._timing import StepTimer
 from mskmri.errors import GeometryError, ModelError, MskMriError
 from mskmri.volume import LabelVolume, Volume
@@ -71,6 +72,7 @@ LESIONS_FILE: Final = "lesions.nii.gz"
 MEASUREMENTS_FILE: Final = "measurements.json"
 REPORT_FILE: Final = "report.html"
 MANIFEST_FILE: Final = "manifest.json"
+PDF_FILE: Final = "report.pdf"
 MESHES_DIR: Final = "meshes"
 VIEWS_DIR: Final = "views"
 
@@ -85,7 +87,10 @@ COMPARTMENT_SLICES: tuple[tuple[str, str], ...] = (
     ("Lateral compartment", "lateral_tibial_cartilage"),
 )
 
-#: Distributions whose versions go into the manifest.
+#: At most this many lesions are listed one by one in the report.
+MAX_LESION_ROWS: Final = 50
+
+
 @dataclass(frozen=True)
 class AnalysisResult:
     """What :func:`analyze_knee` wrote.
@@ -225,6 +230,248 @@ def _overlay_figures(image: Volume, seg: LabelVolume, lesions: LabelVolume | Non
     return figures
 
 
+#: The methods section of the knee report (how each number is obtained).
+KNEE_METHODS: tuple[str, ...] = (
+    "Segmentation: the knee label map (17 structures of the project's knee schema) comes from "
+    "the shipped coarse-to-fine 3-D U-Nets, or is given with --seg; its source is in the "
+    "table below.",
+    "Volumes (mL): voxel count × voxel volume of each structure, on the image's own grid.",
+    "Cartilage thickness (mm): per plate, at each voxel of the cartilage-bone interface, the "
+    "Euclidean distance (world mm) to the nearest voxel outside cartilage and bone (the "
+    "articular side); mean and maximum over the interface. Exact to within half a voxel; rim "
+    "values are low.",
+    "Lesions: 26-connected components of the bone marrow lesion mask, each assigned to the "
+    "bone holding most of its voxels; volumes in mL.",
+    "3-D views and meshes: marching cubes on the label map (meshes in LPS mm, 3D Slicer's "
+    "convention); views are for orientation only, never measured.",
+)
+
+
+def _knee_models(seg_fn: Any, seg_source: str) -> list[Any]:
+    """ModelInfo rows of the segmenter that made the knee label map."""
+    from mskmri.report.html import ModelInfo, model_info
+
+    if seg_source.endswith(KNEE_SEGMENTER.replace(":", ".")):
+        return [model_info("knee-seg-coarse", "knee region (coarse)"),
+                model_info("knee-seg-fine", "knee segmentation (fine)")]
+    return [ModelInfo("knee segmentation", seg_source, "a segmenter passed in by the caller",
+                      "not a shipped model: its validation is the caller's")]
+
+
+class OutputExistsError(MskMriError):
+    """``--out DIR`` exists and ``--overwrite`` was not given (or DIR is not ours to replace)."""
+
+
+def check_out_dir(out_dir: str | os.PathLike[str], *, overwrite: bool, manifest: str,
+                  is_ours: Callable[[dict[str, Any]], bool]) -> None:
+    """The rule for an analysis output folder, checked before any work is done.
+
+    - ``out_dir`` absent: fine (it is created atomically at the end);
+    - it exists and ``overwrite`` is False: refused, the message names ``--overwrite``;
+    - it exists and ``overwrite`` is True: replaced (atomically, at the end) only when it is
+      an empty folder or an earlier analysis (its ``manifest`` passes ``is_ours``); any other
+      folder is refused even then, so ``--overwrite --out ~`` cannot delete a home folder.
+
+    Parameters
+    ----------
+    out_dir : path-like
+    overwrite : bool
+        ``--overwrite`` was given.
+    manifest : str
+        Name of the manifest file an earlier analysis left in the folder.
+    is_ours : callable
+        Tells from the parsed manifest whether the folder is an earlier analysis.
+
+    Raises
+    ------
+    OutputExistsError
+    """
+    out = Path(out_dir)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputExistsError(f"--out {out} exists and is not a folder; give a new folder")
+    if not overwrite:
+        raise OutputExistsError(f"--out {out} already exists; give a new folder, or pass "
+                                "--overwrite to replace it")
+    if not any(out.iterdir()):
+        return
+    try:
+        doc = json.loads((out / manifest).read_text(encoding="utf-8"))
+        ours = isinstance(doc, dict) and bool(is_ours(doc))
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise OutputExistsError(f"--out {out} exists and is not an earlier mskmri analysis (no "
+                                f"{manifest}); --overwrite replaces only earlier analyses: give "
+                                "a new folder or remove it yourself")
+
+
+@dataclass(frozen=True)
+class ReportContext:
+    """What every analysis report shows beside its measurements (built by :func:`report_context`).
+
+    Attributes
+    ----------
+    study : StudySummary
+    qc : list of QcCheck
+    inputs : dict
+        Role -> size and SHA-256 (:func:`mskmri.report.study.input_checksums`).
+    versions : dict of str to str
+    models : list of ModelInfo
+    """
+
+    study: Any
+    qc: list[Any]
+    inputs: dict[str, dict[str, Any]]
+    versions: dict[str, str]
+    models: list[Any]
+
+    def qc_warnings(self) -> list[str]:
+        """QC findings with status "warning", worded for the warnings list."""
+        from mskmri.report.qc import qc_warnings
+
+        return qc_warnings(self.qc)
+
+    def report_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`mskmri.report.html.render_report`."""
+        return {"study": self.study, "qc": self.qc, "inputs": self.inputs,
+                "versions": self.versions, "models": self.models}
+
+
+def report_context(image: Volume, image_path: str | os.PathLike[str],
+                   segmentation: LabelVolume | None, *, anatomy: str,
+                   seg_path: str | os.PathLike[str] | None = None,
+                   other_inputs: dict[str, str | os.PathLike[str] | None] | None = None,
+                   models: Sequence[Any] = (), include_phi: bool = False) -> ReportContext:
+    """Study summary, quality checks, input checksums, versions and models of one analysis.
+
+    Parameters
+    ----------
+    image : Volume
+        The input image (its DICOM header, when it has one, gives the study rows).
+    image_path : path-like
+        As given on the command line.
+    segmentation : LabelVolume, optional
+        The label map (its ``meta["confidence"]``, when a segmenter gave one, is checked).
+    anatomy : {"knee", "spine"}
+    seg_path : path-like, optional
+        ``--seg``: the label map was given, not made by a model.
+    other_inputs : dict, optional
+        Further inputs by role (``{"lesions": path}``), checksummed too.
+    models : sequence of ModelInfo
+        Models used (a given label map is added as one).
+    include_phi : bool
+        Show patient identifiers from the DICOM header.
+    """
+    from mskmri.report.html import ModelInfo
+    from mskmri.report.qc import run_checks
+    from mskmri.report.study import input_checksums, study_summary
+
+    study = study_summary(image, include_phi=include_phi, description=Path(image_path).name)
+    qc = run_checks(image, segmentation, anatomy=anatomy, seg_given=seg_path is not None)
+    roles: dict[str, tuple[Any, Volume | None]] = {"image": (image_path, image)}
+    if seg_path is not None:
+        roles["segmentation"] = (seg_path, None)
+    for role, path in (other_inputs or {}).items():
+        roles[role] = (path, None)
+    inputs = input_checksums(roles)
+    model_list = list(models)
+    if seg_path is not None:
+        rec = inputs["segmentation"]
+        model_list.insert(0, ModelInfo(
+            f"{anatomy} segmentation", "label map given with --seg",
+            f"{Path(seg_path).name}, sha256 {rec['sha256'][:16]}…",
+            "made outside this run: its quality is the user's responsibility"))
+    return ReportContext(study, qc, inputs, versions(), model_list)
+
+
+def write_pdf(out_tmp: Path, *, pdf: bool) -> list[str]:
+    """``report.pdf`` from the report in ``out_tmp`` when ``pdf`` (headless Chromium)."""
+    if not pdf:
+        return []
+    from mskmri.report.pdf import html_to_pdf
+
+    html_to_pdf(out_tmp / REPORT_FILE, out_tmp / PDF_FILE)
+    return [PDF_FILE]
+
+
+def lesion_table_section(seg: LabelVolume, lesions: LabelVolume) -> Any:
+    """The report's per-lesion table: one row per 26-connected lesion component.
+
+    Columns: lesion number, bone (the knee bone holding most of its voxels, as in
+    :func:`mskmri.measure.knee.lesion_volumes_by_bone`), volume (mL), voxels, and the
+    centroid (RAS+, mm).
+
+    Parameters
+    ----------
+    seg : LabelVolume
+        (I, J, K) knee label map.
+    lesions : LabelVolume
+        (I, J, K) lesion mask on the same grid (1 = bone marrow lesion).
+
+    Returns
+    -------
+    ReportSection
+    """
+    import cc3d
+    import numpy as np
+
+    from mskmri.labels import KNEE, KNEE_ID
+    from mskmri.measure.knee import LESION_BONES
+    from mskmri.report.html import ReportSection, ReportTable
+
+    bone_values = [KNEE_ID[b] for b in LESION_BONES]
+    mask = np.asarray(lesions.array) > 0
+    comp = cc3d.connected_components(mask.astype(np.uint8), connectivity=26)
+    n = int(comp.max())
+    vox_ml = lesions.voxel_volume_mm3 / 1000.0
+    labels = np.asarray(seg.array)
+    rows: list[list[Any]] = []
+    for k in range(1, min(n, MAX_LESION_ROWS) + 1):
+        where = comp == k
+        idx = np.argwhere(where)
+        under = labels[where]
+        bones = [(int(np.count_nonzero(under == v)), -v) for v in bone_values]
+        count, neg = max(bones)
+        bone = KNEE.get(-neg, "?") if count > 0 else "outside the bones"
+        centre = lesions.voxel_to_world(idx.mean(axis=0)[None])[0]
+        rows.append([k, bone.replace("_", " "), float(len(idx) * vox_ml), len(idx),
+                     ", ".join(f"{c:.1f}" for c in centre)])
+    paragraphs = [f"{n} lesion{'s' if n != 1 else ''} (26-connected components of the lesion "
+                  "mask); each is assigned to the bone holding most of its voxels."]
+    if n > MAX_LESION_ROWS:
+        paragraphs.append(f"The {MAX_LESION_ROWS} first of {n} lesions are listed; "
+                          "lesions.nii.gz holds them all.")
+    if n == 0:
+        return ReportSection(id="lesions", title="Lesions",
+                             paragraphs=["The lesion mask is empty: no lesion."])
+    return ReportSection(id="lesions", title="Lesions", paragraphs=paragraphs, tables=[
+        ReportTable(["Lesion", "Bone", "Volume (mL)", "Voxels", "Centroid (RAS, mm)"], rows,
+                    numeric_columns=(0, 2, 3))])
+
+
+def knee_not_measured(seg: LabelVolume, document: dict[str, Any],
+                      lesions: LabelVolume | None) -> list[tuple[str, str]]:
+    """(what, why) for the knee measurements this analysis could not make.
+
+    A structure of the knee schema absent from the label map has no volume; without a lesion
+    mask there are no lesion volumes. Measurements present with no value carry their own
+    reason in the table and are not repeated here.
+    """
+    from mskmri.labels import KNEE
+
+    present = set(seg.present_values())
+    absent = [name.replace("_", " ") for v, name in KNEE.items() if v and v not in present]
+    out: list[tuple[str, str]] = []
+    if absent:
+        out.append((f"Volume of: {', '.join(absent)}", "not in the label map"))
+    if lesions is None:
+        out.append(("Bone marrow lesions (volume, count per bone)",
+                    "no lesion mask was given (--lesions MASK)"))
+    return out
+
+
 def analyze_knee(
     image_path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -237,6 +484,9 @@ def analyze_knee(
     allow_resample: bool = False,
     meshes: bool = True,
     command: str | None = None,
+    overwrite: bool = False,
+    include_phi: bool = False,
+    pdf: bool = False,
 ) -> AnalysisResult:
     """Segment (or take a segmentation), measure, mesh, render and report one knee.
 
@@ -261,6 +511,13 @@ def analyze_knee(
         Write meshes and 3-D views (``False`` skips both).
     command : str, optional
         The command line, recorded in the manifest and the report.
+    overwrite : bool
+        Replace an existing ``out_dir`` (an earlier analysis or an empty folder only; see
+        :func:`check_out_dir`). Without it an existing ``out_dir`` is refused.
+    include_phi : bool
+        Show patient identifiers from the DICOM header in the report (default: left out).
+    pdf : bool
+        Also write ``report.pdf`` (needs a headless Chromium; checked before any work).
 
     Returns
     -------
@@ -270,7 +527,8 @@ def analyze_knee(
     ------
     MskMriError
         Bad input (2-D image, no geometry, labels outside the knee schema, a label map on
-        another grid, no segmentation available); nothing is written.
+        another grid, no segmentation available), an existing ``out_dir`` without
+        ``overwrite``, ``pdf`` without Chromium; nothing is written.
     """
     from mskmri import __version__
     from mskmri.io import atomic_path, atomic_write_json, read, write
@@ -280,8 +538,12 @@ def analyze_knee(
     from mskmri.report.html import ReportSection, write_report
 
     out = Path(out_dir)
-    check_replaceable_dir(out, manifest=MANIFEST_FILE, what="analysis",
-                          is_ours=lambda doc: doc.get("kind") == MANIFEST_KIND)
+    check_out_dir(out, overwrite=overwrite, manifest=MANIFEST_FILE,
+                  is_ours=lambda doc: doc.get("kind") == MANIFEST_KIND)
+    if pdf:
+        from mskmri.report.pdf import require_chromium
+
+        require_chromium()
     timer = StepTimer()
     with timer.step("read", f"reading {image_path}"):
         image = read(image_path, series=series, echo=echo, allow_resample=allow_resample)
@@ -305,8 +567,10 @@ def analyze_knee(
                     "on the image's grid)"
                 ) from exc
         seg_source = f"{getattr(seg_fn, '__module__', '')}.{getattr(seg_fn, '__qualname__', seg_fn)}"
+        models = _knee_models(seg_fn, seg_source)
     else:
         seg_source = str(seg_path)
+        models = []
     if not seg.labels:
         from mskmri.labels import KNEE
 
@@ -316,6 +580,10 @@ def analyze_knee(
         ms, warnings = measure_knee_with_warnings(seg, image=image, lesions=lesions)
         # a segmenter reports doubts about its input (no knee found, odd contrast) here
         warnings = [*(str(w) for w in seg.meta.get("warnings") or ()), *warnings]
+        context = report_context(image, image_path, seg, anatomy="knee", seg_path=seg_path,
+                                 other_inputs={"lesions": lesions_path}, models=models,
+                                 include_phi=include_phi)
+        warnings += [w for w in context.qc_warnings() if w not in warnings]
         info = describe_input(seg, SEGMENTATION_FILE)
         info.update(anatomy="knee", image=str(image_path), segmentation_source=seg_source,
                     lesions=str(lesions_path) if lesions_path is not None else None)
@@ -364,6 +632,8 @@ def analyze_knee(
             warnings += write_dicom_outputs(image, seg, document, tmp, lesions=lesions).warnings
         with timer.step("report", "drawing overlays and writing the report"):
             figures = _overlay_figures(image, seg, lesions)
+            if lesions is not None:
+                sections.insert(0, lesion_table_section(seg, lesions))
             options = {"seg": str(seg_path) if seg_path is not None else None,
                        "lesions": str(lesions_path) if lesions_path is not None else None,
                        "meshes": meshes}
@@ -375,7 +645,10 @@ def analyze_knee(
                 figures=figures, warnings=warnings, sections=sections,
                 provenance={"command": command or f"analyze_knee({str(image_path)!r})",
                             "segmentation": seg_source, **options},
+                not_measured=knee_not_measured(seg, document, lesions),
+                methods=KNEE_METHODS, **context.report_kwargs(),
             )
+            write_pdf(tmp, pdf=pdf)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         timings = {**timer.timings, "total": timer.total()}
         manifest = {
@@ -384,6 +657,7 @@ def analyze_knee(
             "command": command,
             "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "inputs": {"image": str(image_path), **options},
+            "input_checksums": context.inputs,
             "segmentation_source": seg_source,
             "versions": versions(),
             "platform": platform.platform(terse=True),

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mskmri._provenance import check_replaceable_dir, file_record
+from mskmri._provenance import file_record
+from mskmri.analyze import check_out_dir, report_context, write_pdf
 from mskmri.errors import GeometryError
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,60 @@ MANIFEST_FILE = "analysis.json"
 #: Manifest schema and kind (an existing DIR is replaced only when it holds such a manifest).
 MANIFEST_SCHEMA = "mskmri/analysis/1"
 MANIFEST_KIND = "spine"
+
+
+#: The methods section of the spine report.
+SPINE_METHODS: tuple[str, ...] = (
+    "Segmentation: vertebral bodies by level (VerSe ids) from the shipped 2-D U-Net on the "
+    "sagittal slices, or given with --seg; levels from anatomy (sacrum, C2) where it can be "
+    "told, otherwise ordinal ids from 1000 (named V1000, V1001, ...).",
+    "Heights (mm): in each body's mid-sagittal plane, along the body's own superior-inferior "
+    "axis, at 85%, 50% and 15% of its anterior-posterior depth counted from the posterior edge "
+    "(anterior, middle, posterior); wedge ratio = anterior / posterior height.",
+    "Endplates and angles (deg): a line fitted to each endplate; the Cobb angle between the "
+    "superior endplate of the upper and the inferior endplate of the lower vertebra.",
+    "Lines are drawn on the image in each body's own plane and projected onto the shown slice.",
+)
+#: Measurement names of each family the spine analysis reports (for the "Not measured" list).
+SPINE_FAMILIES: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("Vertebral body heights and wedge ratios", ("middle_height",), "vertebra"),
+    ("Disc heights and angles", ("disc_height", "disc_angle"), "disc"),
+    ("Spinal cord: MSCC, cord area, T2-MI, RSCI, K-line",
+     ("mscc", "cord_area", "cord_t2_mi", "rsci", "k_line"), "cord"),
+    ("Fracture grade (Genant)", ("genant_grade", "fracture_grade", "grade"), "grade"),
+)
+
+
+def spine_not_measured(seg: Any, document: dict[str, Any],
+                       warnings: list[str]) -> list[tuple[str, str]]:
+    """(what, why) for the spine measurement families absent from ``document``.
+
+    Also lists each warning that says "X not measured: why" (e.g. a Cobb angle with a
+    missing endplate), so nothing that was not measured looks measured.
+    """
+    from mskmri.labels import CSF, SPINAL_CORD
+    from mskmri.measure.spine import is_disc_value, is_vertebra_value
+
+    names = {str(m.get("name")) for m in document.get("measurements", ())}
+    present = set(seg.present_values())
+    why_absent = {
+        "vertebra": ("no vertebral body in the label map" if not any(
+            is_vertebra_value(v) for v in present) else "no vertebral body could be measured"),
+        "disc": ("no intervertebral discs in the label map (the shipped spine model segments "
+                 "vertebral bodies only)" if not any(is_disc_value(v) for v in present)
+                 else "the discs could not be measured (see the warnings)"),
+        "cord": ("no spinal cord in the label map" if SPINAL_CORD not in present
+                 else "the cord could not be measured (see the warnings)")
+        + ("" if CSF in present else "; no CSF/canal label"),
+        "grade": "not made by this version of mskmri",
+    }
+    out = [(what, why_absent[kind]) for what, prefixes, kind in SPINE_FAMILIES
+           if not any(n == p or n.startswith(p) for n in names for p in prefixes)]
+    for w in warnings:
+        head, sep, tail = w.partition(" not measured")
+        if sep and len(head) < 80:
+            out.append((head.replace("_", " "), tail.lstrip(": ") or "see the warnings"))
+    return out
 
 
 @dataclass
@@ -63,7 +118,8 @@ class SpineAnalysisResult:
 
 def analyze_spine(image_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                   seg_path: str | os.PathLike[str] | None = None, model: str = "spine-seg",
-                  device: str = "cpu", command: str | None = None) -> SpineAnalysisResult:
+                  device: str = "cpu", command: str | None = None, overwrite: bool = False,
+                  include_phi: bool = False, pdf: bool = False) -> SpineAnalysisResult:
     """Segment (or take ``seg_path``), measure and report a sagittal spine MRI into ``out_dir``.
 
     Parameters
@@ -71,7 +127,8 @@ def analyze_spine(image_path: str | os.PathLike[str], out_dir: str | os.PathLike
     image_path : path-like
         Sagittal T1/T2 spine MRI (any format :func:`mskmri.io.read` accepts).
     out_dir : path-like
-        Folder to create (an empty folder or a previous analysis is replaced).
+        Folder to create; an existing one is refused unless ``overwrite`` (see
+        :func:`mskmri.analyze.check_out_dir`).
     seg_path : path-like, optional
         A spine-schema label map on the image's grid; skips the segmentation.
     model : str
@@ -80,6 +137,12 @@ def analyze_spine(image_path: str | os.PathLike[str], out_dir: str | os.PathLike
         torch device of the segmentation.
     command : str, optional
         Command line recorded in the manifest and the report.
+    overwrite : bool
+        Replace an existing ``out_dir`` (an earlier analysis or an empty folder only).
+    include_phi : bool
+        Show patient identifiers from the DICOM header in the report (default: left out).
+    pdf : bool
+        Also write ``report.pdf`` (headless Chromium; checked before any work).
 
     Returns
     -------
@@ -101,14 +164,18 @@ def analyze_spine(image_path: str | os.PathLike[str], out_dir: str | os.PathLike
     from mskmri.measure.base import describe_input, measurements_document, write_measurements
     from mskmri.measure.spine import analyse_spine
     from mskmri.report.figures import ReportFigure, label_centroid_world, overlay_figure
-    from mskmri.report.html import write_report
+    from mskmri.report.html import model_info, write_report
     from mskmri.report.spine_drawing import spine_drawing
     from mskmri.segment._spine_data import slice_axis
     from mskmri.segment.spine import segment_spine
 
     out = Path(out_dir)
-    check_replaceable_dir(out, manifest=MANIFEST_FILE, what="analysis",
-                          is_ours=lambda doc: doc.get("schema") == MANIFEST_SCHEMA)
+    check_out_dir(out, overwrite=overwrite, manifest=MANIFEST_FILE,
+                  is_ours=lambda doc: doc.get("schema") == MANIFEST_SCHEMA)
+    if pdf:
+        from mskmri.report.pdf import require_chromium
+
+        require_chromium()
     command = command or (f"mskmri analyze spine {image_path} --out {out}"
                           + (f" --seg {seg_path}" if seg_path else ""))
     timings: dict[str, float] = {}
@@ -136,6 +203,10 @@ def analyze_spine(image_path: str | os.PathLike[str], out_dir: str | os.PathLike
     t = time.perf_counter()
     analysis = analyse_spine(seg, image=image)
     warnings.extend(analysis.warnings)
+    models = [] if seg_path is not None else [model_info(model, "vertebral bodies")]
+    context = report_context(image, image_path, seg, anatomy="spine", seg_path=seg_path,
+                             models=models, include_phi=include_phi)
+    warnings += [w for w in context.qc_warnings() if w not in warnings]
     info = describe_input(seg, Path(seg_path) if seg_path else Path(SEGMENTATION_FILE))
     info.update(anatomy="spine", image=str(image_path), segmentation=seg_record["source"])
     document = measurements_document(analysis.measurements, input_info=info,
@@ -170,10 +241,11 @@ def analyze_spine(image_path: str | os.PathLike[str], out_dir: str | os.PathLike
             tmp / REPORT_FILE, title="mskmri: spine analysis",
             subtitle=f"{Path(image_path).name}; segmentation: {seg_record['source']}",
             image=image, segmentation=seg, measurements=document["measurements"],
-            figures=figures,
-            warnings=[*warnings, "Fracture grades are not made yet; discs, spinal cord and CSF "
-                                 "are not segmented by the current model."],
-            provenance={"command": command, "segmentation": json.dumps(seg_record)[:2000]})
+            figures=figures, warnings=warnings,
+            provenance={"command": command, "segmentation": json.dumps(seg_record)[:2000]},
+            not_measured=spine_not_measured(seg, document, warnings), methods=SPINE_METHODS,
+            **context.report_kwargs())
+        write_pdf(tmp, pdf=pdf)
         timings["report"] = time.perf_counter() - t
         files = sorted(p.name for p in tmp.iterdir())
         manifest = {
@@ -181,6 +253,7 @@ def analyze_spine(image_path: str | os.PathLike[str], out_dir: str | os.PathLike
             "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "mskmri_version": __version__, "platform": platform.platform(terse=True),
             "segmentation": seg_record, "warnings": warnings,
+            "input_checksums": context.inputs, "versions": context.versions,
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "outputs": {n: file_record(tmp / n)
                         for n in files},

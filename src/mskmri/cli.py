@@ -400,12 +400,17 @@ def _run_analyze_knee(args: argparse.Namespace) -> int:
     for flag, value in (("--seg", args.seg), ("--lesions", getattr(args, "lesions", None))):
         if value:
             parts += [flag, str(value)]
+    parts += [f for f, on in (("--overwrite", getattr(args, "overwrite", False)),
+                              ("--include-phi", getattr(args, "include_phi", False)),
+                              ("--pdf", getattr(args, "pdf", False))) if on]
     command = " ".join(shlex.quote(p) for p in parts)
     res = analyze_knee(
         args.image, args.out, seg_path=args.seg, lesions_path=getattr(args, "lesions", None),
         series=getattr(args, "series", None), echo=getattr(args, "echo", None),
         allow_resample=getattr(args, "allow_resample", False),
         meshes=not getattr(args, "no_meshes", False), command=command,
+        overwrite=getattr(args, "overwrite", False),
+        include_phi=getattr(args, "include_phi", False), pdf=getattr(args, "pdf", False),
     )
     log.info("wrote %d files to %s", len(res.files), res.out_dir)
     return EXIT_OK
@@ -430,9 +435,17 @@ def _run_analyze_spine(args: argparse.Namespace) -> int:
 
     from mskmri.analyze_spine import analyze_spine
 
-    command = "mskmri " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    parts = ["mskmri", "analyze", "spine", str(args.image), "--out", str(args.out)]
+    parts += [f"--seg={args.seg}"] if args.seg else []
+    parts += [f for f, on in (("--overwrite", getattr(args, "overwrite", False)),
+                              ("--include-phi", getattr(args, "include_phi", False)),
+                              ("--pdf", getattr(args, "pdf", False))) if on]
+    command = " ".join(shlex.quote(p) for p in parts)
     analyze_spine(args.image, args.out, seg_path=args.seg, model=args.model,
-                  device=args.device, command=command)
+                  device=args.device, command=command,
+                  overwrite=getattr(args, "overwrite", False),
+                  include_phi=getattr(args, "include_phi", False),
+                  pdf=getattr(args, "pdf", False))
     return EXIT_OK
 
 
@@ -490,7 +503,14 @@ def _add_analyze(sub: Any) -> None:
     p.add_argument("anatomy", choices=sorted(_ANALYZE_RUNNERS), help="which anatomy")
     p.add_argument("image", metavar="IMAGE", help="input image")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (written "
-                   "atomically; an empty folder or a previous analysis is replaced)")
+                   "atomically; must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR when it exists (only "
+                   "an earlier analysis or an empty folder), atomically at the end")
+    p.add_argument("--include-phi", action="store_true", help="show patient identifiers from "
+                   "the DICOM header (name, ID, birth date, accession, institution) in the "
+                   "report; left out by default")
+    p.add_argument("--pdf", action="store_true", help="also write report.pdf (needs a headless "
+                   "Chromium: apt-get install chromium)")
     p.add_argument("--seg", metavar="SEG", help="use this label map (on IMAGE's grid) instead "
                    "of segmenting")
     p.add_argument("--lesions", metavar="MASK", help="knee: bone marrow lesion mask on "

@@ -8,8 +8,11 @@ output folder:
     Segmentation Storage, ``BINARY`` type: one segment per structure present in the label
     map (in label-value order), then one ``bone marrow lesion`` segment when a lesion mask
     with lesions is given. BINARY and not LABELMAP because lesions lie *inside* bones
-    (segments overlap, which a LABELMAP cannot hold) and because BINARY is what current
-    viewers and readers load (3D Slicer/dcmqi, OHIF, pydicom-seg, highdicom). Frames are
+    (segments overlap, which a LABELMAP cannot hold) and because every SEG reader knows
+    BINARY, while LABELMAP (added to the standard in 2024) is unknown to older ones such
+    as pydicom-seg. Checked readers: highdicom (``segread``, ``get_volume``) and
+    pydicom-seg 0.4.1 give back every segment on the source grid; SimpleITK/GDCM is not a
+    SEG reader (it sees one multi-frame image of all segments, 1 mm spacing). Frames are
     the source slices, pixel for pixel: frame geometry (ImagePositionPatient,
     ImageOrientationPatient, PixelSpacing) is the source's, and each frame names its source
     image in its DerivationImageSequence. Frames with no voxel of a segment are left out.
@@ -207,8 +210,11 @@ def segment_codes(name: str) -> SegmentCodes:
     if name in _KNEE_CODES:
         cat, typ, reg = _KNEE_CODES[name]
         return SegmentCodes(_resolve(cat), _resolve(typ), _resolve(reg) if reg else None)
-    if _DISC_LEVELS.match(name):  # a measurement's structure "L4-L5" is the disc
-        name = f"disc_{name}"
+    if _DISC_LEVELS.match(name):  # a measurement's structure "L4-L5" is that disc ...
+        try:
+            return SegmentCodes(anatomy, _code("SCT", name.replace("-", "") + "Disc"))
+        except AttributeError:  # ... but "C2-C7" (K-line) is a range of levels, no disc
+            return SegmentCodes(anatomy, _local(name[:64]))
     if name.startswith("disc_"):  # disc_L4-L5 -> SCT.L4L5Disc
         attr = name[len("disc_"):].replace("-", "") + "Disc"
         try:
@@ -326,13 +332,14 @@ def source_grid_affine(source: Sequence[Dataset]) -> np.ndarray:
     Parameters
     ----------
     source : sequence of pydicom.Dataset
-        Single-frame image headers in slice order (at least two, or one with a slice
-        thickness).
+        Single-frame image headers in slice order (at least two, or one with
+        SpacingBetweenSlices or SliceThickness).
 
     Raises
     ------
     GeometryError
-        A header without ImageOrientationPatient, ImagePositionPatient or PixelSpacing.
+        A header without ImageOrientationPatient, ImagePositionPatient or PixelSpacing, or
+        a single slice without a thickness.
     """
     try:
         iop = np.asarray([float(v) for v in source[0].ImageOrientationPatient])
@@ -347,8 +354,12 @@ def source_grid_affine(source: Sequence[Dataset]) -> np.ndarray:
     r, c = iop[:3], iop[3:]
     if len(source) > 1:
         step = (last - first) / (len(source) - 1)
-    else:
-        step = np.cross(r, c) * float(getattr(source[0], "SliceThickness", 1.0) or 1.0)
+    else:  # one slice: its thickness, as the reader takes it (never a guessed 1 mm)
+        thick = source[0].get("SpacingBetweenSlices") or source[0].get("SliceThickness")
+        if not thick:
+            raise GeometryError("a single source slice without SliceThickness has no slice "
+                                "spacing, so a DICOM SEG cannot be placed on it")
+        step = np.cross(r, c) * float(thick)
     lps = np.eye(4)
     lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = r * col_sp, c * row_sp, step, first
     return LPS_TO_RAS @ lps
@@ -488,7 +499,8 @@ def build_segmentation(
         device_serial_number="none",
         series_description="mskmri segmentation",
         content_label="MSKMRI_SEG",
-        content_description="mskmri segmentation and bone marrow lesions",
+        content_description="mskmri segmentation"
+        + (" and bone marrow lesions" if lesion_mask is not None else ""),
     )
     return seg, infos
 

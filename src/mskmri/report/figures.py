@@ -67,6 +67,8 @@ WINDOW_PERCENTILES = (0.5, 99.5)
 PANEL_HEIGHT_IN = 3.4
 #: Output resolution in dots per inch.
 DPI = 120
+#: Panels narrower than this (inches) get their title on three short lines.
+WIDE_TITLE_MIN_IN = 3.0
 #: Figure and panel background (dark, as a reading room viewer).
 BACKGROUND = "#101418"
 #: Scale-bar lengths tried, in mm; the longest that fits in a quarter of the panel is used.
@@ -329,8 +331,12 @@ def _draw_panel(
             color="white", fontsize=8, path_effects=outline)
     if show_title:
         axis_name = "xyz"[_PLANE_AXES[sl.plane][0]]
-        ax.set_title(f"{sl.plane.capitalize()}   {axis_name} = {sl.position_mm:.1f} mm   "
-                     f"(slice {sl.index + 1}/{sl.count})", color="#dde3ea", fontsize=10, pad=5)
+        parts = (sl.plane.capitalize(), f"{axis_name} = {sl.position_mm:.1f} mm",
+                 f"(slice {sl.index + 1}/{sl.count})")
+        width_in = PANEL_HEIGHT_IN * (right - left) / max(bottom - top, 1e-6)
+        # a narrow panel (e.g. a sagittal spine) gets a stacked title so titles never overlap
+        title = "   ".join(parts) if width_in >= WIDE_TITLE_MIN_IN else "\n".join(parts)
+        ax.set_title(title, color="#dde3ea", fontsize=10 if width_in >= 2.0 else 8, pad=5)
     ax.set_xlim(left, right)
     ax.set_ylim(bottom, top)
     ax.set_xticks([])

@@ -1,19 +1,25 @@
-"""The HTML report: one self-contained ``report.html`` a person can open or mail.
+"""The HTML report: one self-contained ``report.html`` a person can open, print or mail.
 
 ``render_report`` fills the Jinja2 template ``templates/report.html`` (autoescaped: every name,
-warning and provenance value from the data is escaped) with
+warning and provenance value from the data is escaped) with, in order:
 
-- warnings, shown first and prominently;
-- summary cards (image size, spacing, orientation);
+- a notice when patient identifiers are shown (only with ``--include-phi``), then the
+  warnings, first and prominently (QC findings included);
+- summary cards, the study (:mod:`mskmri.report.study`: acquisition, no patient identifiers
+  unless asked) and the quality checks (:mod:`mskmri.report.qc`);
 - figures (:class:`~mskmri.report.figures.ReportFigure`), embedded as base64 PNG data URIs,
   so the file needs nothing beside it;
 - the measurement table, grouped by measurement, a unit in every row (the dicts of a
-  ``mskmri/measurements/1`` document);
+  ``mskmri/measurements/1`` document); a value that was not measured reads "not measured"
+  with its reason, never a number; a "Not measured" list of what the analysis could not do;
 - further sections (:class:`ReportSection`: paragraphs, figures, tables) for what later
   steps add (3-D views, lesion tables, spine drawings);
-- the input geometry and the provenance (mskmri version, command, date, platform).
+- methods and models (versions and caveats), the input geometry, and the provenance
+  (command, versions, input checksums).
 
-The template has no script and loads nothing from the network.
+The template has no script, loads nothing (its Content-Security-Policy forbids it), and has a
+print style sheet (A4, rows and figures never split, table headers repeated), so the same
+file prints to ``report.pdf`` (:mod:`mskmri.report.pdf`).
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ import numpy as np
 
 from mskmri.report.colours import colour_table, display_name
 from mskmri.report.figures import ReportFigure
+from mskmri.report.qc import QcCheck
+from mskmri.report.study import StudySummary
 from mskmri.volume import LabelVolume, Volume
 
 log = logging.getLogger(__name__)
@@ -54,6 +62,16 @@ UNIT_DISPLAY: Mapping[str, str] = {
 
 #: Shown in the structure column for whole-study values (no structure).
 WHOLE_STUDY = "total"
+
+#: A table group lists at most this many distinct methods in its heading.
+MAX_METHODS_SHOWN = 2
+
+#: Shown instead of a number for a measurement that could not be made (never 0 or blank).
+NOT_MEASURED = "not measured"
+
+#: Content-Security-Policy of the report: nothing may be fetched (images are data: URIs,
+#: styles inline, no script), so a browser refuses, and logs, any outside resource.
+CONTENT_SECURITY_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
 # --------------------------------------------------------------------------- extension types
@@ -185,13 +203,21 @@ def _measurement_rows(
             "structure": label,
             "colour": colours.get(str(structure)) if structure else None,
             "missing": missing,
-            "reason": str(m.get("reason") or "not measured"),
+            "reason": str(m.get("reason") or (m.get("extra") or {}).get("reason")
+                          or "no reason recorded"),
             "raw": "" if value is None or missing else repr(float(value)),
-            "text": "n/a" if missing else format_value(value),
+            "text": NOT_MEASURED if missing else format_value(value),
             "unit": display_unit(unit),
         })
-    return [{"title": g["title"], "method": "; ".join(g["methods"]), "rows": g["rows"]}
+    return [{"title": g["title"], "method": _methods_text(g["methods"]), "rows": g["rows"]}
             for g in groups.values()]
+
+
+def _methods_text(methods: Sequence[str]) -> str:
+    """One line for a table group: all methods when few, else the first and a count."""
+    if len(methods) <= MAX_METHODS_SHOWN:
+        return "; ".join(methods)
+    return f"{methods[0]}; and {len(methods) - 1} more of the same kind, one per structure"
 
 
 def _fmt_triplet(values: Sequence[float], unit: str = "") -> str:
@@ -230,16 +256,21 @@ def geometry_rows(
     return rows
 
 
-def _summary_cards(image: Volume | None, n_measurements: int) -> list[dict[str, str]]:
+def _summary_cards(image: Volume | None, n_measured: int, n_missing: int,
+                   n_warnings: int) -> list[dict[str, str]]:
     if image is None:
         return []
-    return [
+    cards = [
         {"key": "Image size", "value": " × ".join(str(n) for n in image.shape)},
         {"key": "Spacing (mm)", "value": _fmt_triplet(image.spacing) if image.geometry_known
          else "unknown"},
         {"key": "Orientation", "value": "".join(image.orientation)},
-        {"key": "Measurements", "value": str(n_measurements)},
+        {"key": "Measured", "value": str(n_measured)},
     ]
+    if n_missing:
+        cards.append({"key": "Not measured", "value": str(n_missing)})
+    cards.append({"key": "Warnings", "value": str(n_warnings)})
+    return cards
 
 
 def default_provenance(command: str | None = None) -> dict[str, Any]:
@@ -267,6 +298,21 @@ def _provenance_rows(provenance: Mapping[str, Any]) -> list[tuple[str, str, bool
     return rows
 
 
+def _input_rows(inputs: Mapping[str, Mapping[str, Any]]) -> list[dict[str, str]]:
+    rows = []
+    for role, rec in inputs.items():
+        size = rec.get("bytes")
+        n = rec.get("files")
+        rows.append({
+            "role": str(role),
+            "path": str(rec.get("path", "")),
+            "size": (f"{format_value(int(size))} bytes" if size is not None else "")
+            + (f" in {n} files" if n else ""),
+            "sha256": str(rec.get("sha256", "")),
+        })
+    return rows
+
+
 @functools.lru_cache(maxsize=1)
 def _environment() -> Any:
     import jinja2
@@ -281,6 +327,50 @@ def _environment() -> Any:
     )
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model (or the source of a label map) named in the report's methods section.
+
+    Attributes
+    ----------
+    role : str
+        What it did ("knee segmentation", "vertebral bodies").
+    name : str
+        Model name (``mskmri.weights.MODELS`` key) or "given label map".
+    version : str
+        Weight file and the start of its SHA-256, or the label map's checksum.
+    caveat : str
+        What a user must know (:func:`mskmri.weights.model_caveat`); empty when none.
+    """
+
+    role: str
+    name: str
+    version: str = ""
+    caveat: str = ""
+
+
+def model_info(name: str, role: str) -> ModelInfo:
+    """The :class:`ModelInfo` of shipped model ``name`` from its card (no torch needed).
+
+    The version is the weight file, the card's creation date and the start of its SHA-256;
+    the caveat is :func:`mskmri.weights.model_caveat`.
+    """
+    from mskmri.weights import MODELS, model_caveat
+
+    entry = MODELS.get(name)
+    if entry is None:
+        return ModelInfo(role, name, "not a shipped model", "")
+    version = entry.file
+    try:
+        card = json.loads(entry.path.with_suffix(".json").read_text(encoding="utf-8"))
+        created = str(card.get("created", ""))[:10]
+        sha = str(card.get("sha256", ""))[:16]
+        version += (f", {created}" if created else "") + (f", sha256 {sha}…" if sha else "")
+    except (OSError, ValueError):
+        log.warning("no readable model card beside %s", entry.path)
+    return ModelInfo(role, name, version, model_caveat(name) or "")
+
+
 # --------------------------------------------------------------------------- public API
 def render_report(
     *,
@@ -293,6 +383,13 @@ def render_report(
     provenance: Mapping[str, Any] | None = None,
     sections: Sequence[ReportSection] = (),
     subtitle: str = "",
+    study: StudySummary | None = None,
+    qc: Sequence[QcCheck] = (),
+    not_measured: Sequence[tuple[str, str]] = (),
+    methods: Sequence[str] = (),
+    models: Sequence[ModelInfo] = (),
+    versions: Mapping[str, str] | None = None,
+    inputs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
     """Render the self-contained HTML report.
 
@@ -307,12 +404,12 @@ def render_report(
         not on the image's grid adds a warning.
     measurements : sequence of mapping
         Measurement dicts as in a ``mskmri/measurements/1`` document (``name``, ``value``,
-        ``unit``, optional ``structure``, ``region``, ``method``, ``reason``). A ``None``
-        value is shown as "n/a" with its reason.
+        ``unit``, optional ``structure``, ``region``, ``method``, ``reason``). A ``None`` or
+        NaN value is shown as "not measured" with its reason, never as a number.
     figures : sequence of ReportFigure
         Embedded as base64 PNG, in order.
     warnings : sequence of str
-        Shown first, prominently.
+        Shown first, prominently (QC warnings are added from ``qc``).
     provenance : mapping, optional
         Extra provenance (``command``, options, seed, timings ...); merged over
         :func:`default_provenance`.
@@ -320,6 +417,23 @@ def render_report(
         Further sections, after the measurements.
     subtitle : str
         One line under the title (e.g. the study or the phantom).
+    study : StudySummary, optional
+        Study table (:func:`mskmri.report.study.study_summary`); patient identifiers only
+        when it says they were asked for, and then a notice on top.
+    qc : sequence of QcCheck
+        Quality checks (:func:`mskmri.report.qc.run_checks`): a table; warnings go on top.
+    not_measured : sequence of (str, str)
+        Measurements the analysis would make but could not: (what, why). Listed under the
+        measurement table.
+    methods : sequence of str
+        Paragraphs of the methods section (how each number was obtained).
+    models : sequence of ModelInfo
+        The models (or given label maps) used, with versions and caveats.
+    versions : mapping, optional
+        Package -> version (:func:`mskmri._provenance.versions`).
+    inputs : mapping, optional
+        Role -> ``{"path", "bytes", "sha256"[, "files"]}``
+        (:func:`mskmri.report.study.input_checksums`).
 
     Returns
     -------
@@ -332,8 +446,10 @@ def render_report(
         When a measurement has no unit (a bug in the caller, not bad user input).
     """
     from mskmri import __version__
+    from mskmri.report.qc import qc_warnings
 
     warns = [str(w) for w in warnings]
+    warns += [w for w in qc_warnings(qc) if w not in warns]
     if image is not None and segmentation is not None and not image.same_geometry(segmentation):
         warns.append("the label map is not on the image's grid: overlays and measurements may "
                      "not correspond to the image")
@@ -342,16 +458,27 @@ def render_report(
                      "can be trusted")
     prov = {**default_provenance(), **dict(provenance or {})}
     created = prov.get("created (UTC)", "")
+    groups = _measurement_rows(measurements, segmentation)
+    n_missing = sum(r["missing"] for g in groups for r in g["rows"])
+    n_measured = sum(len(g["rows"]) for g in groups) - n_missing
     html: str = _environment().get_template(TEMPLATE_NAME).render(
         title=title,
         subtitle=subtitle,
         created=f"{created} UTC" if created else "",
         provenance_version=__version__,
+        csp=CONTENT_SECURITY_POLICY,
         warnings=warns,
-        cards=_summary_cards(image, len(measurements)),
+        cards=_summary_cards(image, n_measured, n_missing + len(not_measured), len(warns)),
+        study=study,
+        qc=[{"name": c.name, "status": c.status, "detail": c.detail} for c in qc],
         figures=list(figures),
-        groups=_measurement_rows(measurements, segmentation),
+        groups=groups,
+        not_measured=[(str(a), str(b)) for a, b in not_measured],
         sections=[_prepare_section(s) for s in sections],
+        methods=[str(m) for m in methods],
+        models=list(models),
+        versions=list((versions or {}).items()),
+        inputs=_input_rows(inputs or {}),
         geometry=geometry_rows(image, segmentation),
         provenance_rows=_provenance_rows(prov),
     )
