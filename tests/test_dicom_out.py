@@ -301,6 +301,21 @@ def test_label_map_off_the_source_grid_is_refused(axial, tmp_path):
 
 
 # --------------------------------------------------------------------------- bad input
+def test_read_source_datasets_checks_the_files_are_those_read(axial, tmp_path):
+    from mskmri.errors import DicomSeriesError
+    from mskmri.io.dicom import read_source_datasets
+
+    headers = read_source_datasets(axial["image"])
+    assert [h.SOPInstanceUID for h in headers] == axial["image"].meta["sop_instance_uids"]
+    assert all("PixelData" not in h for h in headers)  # headers only
+    with pytest.raises(DicomSeriesError, match="not read from a DICOM series"):
+        read_source_datasets(Volume(np.zeros((2, 2, 2)), np.eye(4)))
+    moved = axial["image"].copy()
+    moved.meta["files"] = [*moved.meta["files"][1:], moved.meta["files"][0]]
+    with pytest.raises(DicomSeriesError, match="now holds SOPInstanceUID"):
+        read_source_datasets(moved)
+
+
 def test_negative_label_values_are_refused(axial, tmp_path):
     from mskmri.errors import LabelError
 
