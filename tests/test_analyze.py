@@ -274,3 +274,22 @@ def test_report_lists_what_was_not_measured_and_the_lesions(analysis, tmp_path, 
     assert row.group(2) == "not in the label map"
     assert "no lesion mask was given" in html
     assert 'data-key="volume.anterior_cruciate_ligament"' not in html  # no 0 mL row
+
+
+def test_low_confidence_from_a_segmenter_is_warned_and_shown(inputs, tmp_path):
+    truth = read_labels(inputs["seg"], schema="knee")
+    conf = np.ones(truth.shape, np.float32)
+    femur = truth.array == KNEE_ID["femur"]
+    conf[femur] = 0.2  # the whole femur uncertain: far above both thresholds
+
+    def segmenter(image: Volume) -> LabelVolume:
+        return LabelVolume(truth.array, image.affine, dict(KNEE), schema="knee",
+                           meta={"confidence": conf})
+
+    res = analyze_knee(inputs["image"], tmp_path / "o", segmenter=segmenter, meshes=False)
+    warning = next(w for w in res.warnings if w.startswith("Segmentation confidence"))
+    assert "low-confidence region" in warning
+    html = (tmp_path / "o" / "report.html").read_text(encoding="utf-8")
+    assert "Quality check: segmentation confidence" in html
+    assert warning.split(":")[1].strip()[:20] in html
+    assert _json(tmp_path / "o" / "measurements.json")["warnings"] == res.warnings

@@ -386,6 +386,20 @@ def report_context(image: Volume, image_path: str | os.PathLike[str],
     return ReportContext(study, qc, inputs, versions(), model_list)
 
 
+def qc_figures(image: Volume, seg: LabelVolume, context: ReportContext) -> list[Any]:
+    """Overlays through each place a quality check points at (e.g. a low-confidence region)."""
+    from mskmri.report.figures import ReportFigure, overlay_figure
+
+    figures = []
+    for check in context.qc:
+        if check.status == "warning" and check.centre_mm is not None:
+            figures.append(ReportFigure(
+                title=f"Quality check: {check.name.lower()}",
+                png=overlay_figure(image, seg, centre_mm=check.centre_mm, plain_row=True),
+                caption=f"Slices through the place this check points at: {check.detail}."))
+    return figures
+
+
 def write_pdf(out_tmp: Path, *, pdf: bool) -> list[str]:
     """``report.pdf`` from the report in ``out_tmp`` when ``pdf`` (headless Chromium)."""
     if not pdf:
@@ -631,7 +645,7 @@ def analyze_knee(
 
             warnings += write_dicom_outputs(image, seg, document, tmp, lesions=lesions).warnings
         with timer.step("report", "drawing overlays and writing the report"):
-            figures = _overlay_figures(image, seg, lesions)
+            figures = [*_overlay_figures(image, seg, lesions), *qc_figures(image, seg, context)]
             if lesions is not None:
                 sections.insert(0, lesion_table_section(seg, lesions))
             options = {"seg": str(seg_path) if seg_path is not None else None,

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mskmri._provenance import file_record
-from mskmri.analyze import check_out_dir, report_context, write_pdf
+from mskmri.analyze import check_out_dir, qc_figures, report_context, write_pdf
 from mskmri.errors import GeometryError
 
 log = logging.getLogger(__name__)
@@ -234,6 +234,7 @@ def analyze_spine(image_path: str | os.PathLike[str], out_dir: str | os.PathLike
                          png=overlay_figure(image, seg, centre_mm=centre, plain_row=True),
                          caption="Sagittal, coronal and axial slices through the centre of the "
                                  "labelled bodies: the image (top) and the label map (bottom)."),
+            *qc_figures(image, seg, context),
         ]
         timings["figures"] = time.perf_counter() - t
         t = time.perf_counter()
