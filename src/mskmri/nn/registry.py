@@ -546,6 +546,26 @@ TRAIN_TASKS["mkd"] = TrainTask(
               "checkpoint_every": 100, "seed": 0, "device": "cpu"},
 )
 
+TRAIN_TASKS["vertebra-inpaint"] = TrainTask(
+    name="vertebra-inpaint",
+    help="2-D FFC painter of a vertebral body's pseudo-healthy shape from its neighbours "
+         "(real spine label maps; used by fracture grading, mskmri.measure.grading)",
+    entry="mskmri.anomaly.vertebra_inpaint:run",
+    options=(
+        TrainOption(("--data",), {"metavar": "DIR", "help": "shared data folder holding "
+                                  "spine/ (default: the configured shared data)"}),
+        TrainOption(("--sections",), {"type": int, "help": "augmented training sections "
+                                      "(4000)"}),
+        TrainOption(("--width",), {"type": int, "help": "channels after the stem (16)"}),
+        TrainOption(("--blocks",), {"type": int, "help": "residual FFC blocks (3)"}),
+        TrainOption(("--name",), {"help": "model name in the card (vertebra-inpaint)"}),
+        TrainOption(("--threads",), {"type": int, "help": "torch CPU threads"}),
+    ),
+    defaults={"steps": 2000, "batch_size": 16, "lr": 2e-3, "schedule": "cosine",
+              "checkpoint_every": 100, "seed": 0, "device": "cpu"},
+)
+
+
 def train_task(name: str) -> TrainTask:
     """The registered task ``name``; a helpful error otherwise."""
     if name not in TRAIN_TASKS:
