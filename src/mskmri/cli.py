@@ -136,16 +136,19 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 # ============================================================================ demo
 def _add_demo(sub: Any) -> None:
-    from mskmri.demo import DEFAULT_CONTRAST, DEFAULT_SEED, DEMO_CONTRASTS
+    from mskmri.demo import DEFAULT_COHORT_SIZE, DEFAULT_SEED, DEFAULT_WORKERS
 
-    p = sub.add_parser("demo", help="synthesise a phantom knee, measure it and write a report "
-                       "(no input needed)")
+    p = sub.add_parser("demo", help="phantom knee and spine through analyze, a small cohort "
+                       "on Dask and its statistics; DIR/index.html links it all (no input "
+                       "needed)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output folder (created; a previous demo output there is replaced)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED,
-                   help=f"seed of the phantom and the rendering (default {DEFAULT_SEED})")
-    p.add_argument("--contrast", choices=DEMO_CONTRASTS, default=DEFAULT_CONTRAST,
-                   help=f"MR contrast to render (default {DEFAULT_CONTRAST})")
+                   help=f"seed of the phantoms and the rendering (default {DEFAULT_SEED})")
+    p.add_argument("--cohort-size", type=int, default=DEFAULT_COHORT_SIZE, metavar="N",
+                   help=f"knees in the demo cohort, half OA (default {DEFAULT_COHORT_SIZE})")
+    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS, metavar="N",
+                   help=f"local Dask workers of the cohort (default {DEFAULT_WORKERS})")
     p.set_defaults(run=_run_demo)
 
 
@@ -153,8 +156,10 @@ def _run_demo(args: argparse.Namespace) -> int:
     from mskmri.demo import run_demo
 
     command = " ".join(["mskmri", "demo", "--out", str(args.out), "--seed", str(args.seed),
-                        "--contrast", args.contrast])
-    run_demo(args.out, seed=args.seed, contrast=args.contrast, command=command)
+                        "--cohort-size", str(args.cohort_size), "--workers",
+                        str(args.workers)])
+    run_demo(args.out, seed=args.seed, cohort_size=args.cohort_size, workers=args.workers,
+             command=command)
     return EXIT_OK
 
 

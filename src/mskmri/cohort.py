@@ -503,7 +503,8 @@ def write_parquet(path: Path, header: Sequence[str], rows: Sequence[Mapping[str,
 
 # ============================================================================ the index
 _INDEX_STYLE = (
-    "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:70em;color:#222}"
+    "body{font-family:system-ui,sans-serif;margin:2em auto;padding:0 1.5em;max-width:70em;"
+    "color:#222}"
     "table{border-collapse:collapse;width:100%}th,td{border-bottom:1px solid #ddd;"
     "padding:.3em .6em;text-align:left;vertical-align:top}th{background:#f4f4f4}"
     ".failed{color:#a40000}.skipped{color:#555}.ok{color:#1a6b1a}.note{background:#fff6d6;"
