@@ -471,12 +471,19 @@ TRAIN_TASKS["pretrain"] = TrainTask(
 
 TRAIN_TASKS["spine-seg"] = TrainTask(
     name="spine-seg",
-    help="2-D U-Net for vertebral bodies on sagittal spine MRI (real MyoSegmenTUM + Chu exams)",
+    help="2-D U-Net for vertebral bodies, sacrum, discs, cord and CSF on sagittal spine MRI "
+         "(real, partially labelled sources; marginal loss)",
     entry="mskmri.segment.spine_train:run",
     options=(
         TrainOption(("--data",), {"metavar": "DIR", "help": "shared data folder holding "
                                   "spine/ (default: the configured shared data)"}),
         TrainOption(("--threads",), {"type": int, "help": "torch CPU threads"}),
+        TrainOption(("--u2ad-fold",), {"choices": ["a", "b", "none"],
+                                       "help": "U2AD slices trained on (default a; see "
+                                               "segment._spine_data.U2AD_FOLDS)"}),
+        TrainOption(("--warm-start",), {"metavar": "PATH", "help": "earlier spine-seg "
+                                        "*.safetensors: fitting tensors copied, the output "
+                                        "layer extended"}),
     ),
     defaults={"steps": 1800, "batch_size": 8, "lr": 2e-3, "val_every": 300,
               "checkpoint_every": 300, "seed": 0, "device": "cpu"},

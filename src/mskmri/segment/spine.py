@@ -1,4 +1,5 @@
-"""Vertebral-body segmentation of sagittal spine MRI (``mskmri segment spine IMAGE OUT``).
+"""Spine segmentation of sagittal MRI (``mskmri segment spine IMAGE OUT``): vertebral bodies by
+level, sacrum, intervertebral discs, spinal cord and CSF.
 
 Pipeline
 --------
@@ -16,13 +17,22 @@ Pipeline
    component of at least :data:`MIN_SACRUM_FRACTION` of the median body size whose top lies
    below the lowest body's centroid and within :data:`SACRUM_MAX_GAP_MM` of it; the lowest
    body is then L5 and the bodies above are L4, L3, ... (assumes no transitional vertebra).
-   Otherwise bodies get ordinal ids from 1000 (top first) and the output says so (warning +
-   sidecar).
-4. The label map goes back to the input grid (nearest neighbour) and is written with a
+   Failing that, from C2 (:func:`c2_anchor`): the top body is C2 when it is at least
+   :data:`C2_HEIGHT_RATIO` times the median height of the others (the dens), is not cut by
+   the image edge and no disc lies above it. Otherwise bodies get ordinal ids from 1000 (top
+   first) and the output says so (warning + sidecar).
+4. Discs, cord and CSF (:func:`add_soft_tissue`): each disc component goes to the pair of
+   consecutive bodies (the sacrum counts as the lowest) whose centroids bracket its own and
+   gets 100 + the id of the body above (L4-L5 = 123, ordinal 1100+); a disc outside the
+   bodies in view, or off their line by more than :data:`COLUMN_MAX_OFFSET_MM`, is dropped
+   with a warning. Cord (201) and CSF (202) keep the components of at least
+   :data:`MIN_CORD_FRACTION` of the largest and :data:`MIN_SOFT_MM3`. A class the network
+   did not find is listed in the sidecar's ``"not_segmented"`` with the reason.
+5. The label map goes back to the input grid (nearest neighbour) and is written with a
    sidecar that records the model, how levels were named and every warning.
 
-What is not segmented: discs, spinal cord and CSF (no labelled real training data beyond one
-disc exam; see the model card). The sacrum is labelled 26 (S1 body only).
+The sacrum is labelled 26 (S1 body only). The CSF class was trained on partial labels (U2AD
+slices); treat it as the least reliable class (see the model card).
 """
 
 from __future__ import annotations
@@ -37,7 +47,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mskmri.errors import MskMriError
-from mskmri.labels import ORDINAL_VERTEBRA_START, VERTEBRA_ID, spine_labels_for
+from mskmri.labels import (
+    CSF,
+    DISC_OFFSET,
+    ORDINAL_VERTEBRA_START,
+    SPINAL_CORD,
+    VERTEBRA_ID,
+    is_disc,
+    is_vertebra,
+    spine_labels_for,
+)
 from mskmri.measure._geometry import SUPERIOR
 from mskmri.segment import _spine_data as sd
 from mskmri.volume import LabelVolume, Volume
@@ -56,7 +75,17 @@ INFER_OVERLAP = 0.25
 #: Largest slice spacing (mm) at which class probabilities are averaged over neighbours.
 SMOOTH_MAX_SPACING_MM = 1.5
 #: Network class values (see :data:`mskmri.segment._spine_data.NET_CLASSES`).
-NET_BODY, NET_SACRUM = 1, 2
+NET_BODY, NET_SACRUM, NET_DISC, NET_CORD, NET_CSF = sd.BODY, sd.SACRUM, sd.DISC, sd.CORD, sd.CSF
+#: The top body is taken as C2 (with its dens) when it is at least this many times the median
+#: S-I height of the other bodies (C2 with the dens is about twice C3's height).
+C2_HEIGHT_RATIO = 1.4
+#: Fewest bodies for the C2 rule (the median of the others must mean something).
+C2_MIN_BODIES = 4
+#: Cord/CSF components smaller than this fraction of the class's largest component are dropped.
+MIN_CORD_FRACTION = 0.1
+#: Smallest disc, cord or CSF component kept (mm^3; on a single 2-D slice, mm^2 x the pixel
+#: thickness in the affine).
+MIN_SOFT_MM3 = 15.0
 #: Spine-schema value of the sacrum.
 SACRUM_ID = 26
 #: Largest distance (mm, along S-I) from the lowest body's centroid to the top of the sacrum.
@@ -80,6 +109,7 @@ COLUMN_MAX_OFFSET_MM = 25.0
 COLUMN_WINDOW_MM = 70.0
 #: Label values of the level-naming rule.
 LEVEL_SOURCE_ANATOMY = "anatomy: sacrum below the lowest lumbar body (lowest body = L5)"
+LEVEL_SOURCE_C2 = "anatomy: C2 (tall top body with the dens, not cut, no disc above)"
 LEVEL_SOURCE_ORDINAL = "ordinal: levels could not be told, ids from 1000 numbered from the top"
 
 
@@ -95,18 +125,22 @@ class SpineSegmentation:
     ----------
     labels : LabelVolume
         Spine-schema label map on the input grid: bodies as VerSe ids (L5 = 24, ...) or
-        ordinal ids from 1000, sacrum 26.
+        ordinal ids from 1000, sacrum 26, discs 100 + the id of the body above, cord 201,
+        CSF 202.
     level_source : str
-        :data:`LEVEL_SOURCE_ANATOMY` or :data:`LEVEL_SOURCE_ORDINAL`.
+        :data:`LEVEL_SOURCE_ANATOMY`, :data:`LEVEL_SOURCE_C2` or :data:`LEVEL_SOURCE_ORDINAL`.
     warnings : list of str
     info : dict
         Model name, timings (s), canonical shape, ...
+    not_segmented : dict of str to str
+        Structure ("discs", "spinal cord", "CSF") -> why it is absent from the label map.
     """
 
     labels: LabelVolume
     level_source: str
     warnings: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    not_segmented: dict[str, str] = field(default_factory=dict)
 
     @property
     def ordinal(self) -> bool:
@@ -118,7 +152,7 @@ class SpineSegmentation:
         return {**self.labels.sidecar(), "segmentation": {
             "tool": "mskmri segment spine", "levels": self.level_source,
             "ordinal_levels": self.ordinal, "warnings": list(self.warnings),
-            "not_segmented": ["discs", "spinal cord", "CSF"], **self.info}}
+            "not_segmented": dict(self.not_segmented), **self.info}}
 
 
 # ----------------------------------------------------------------------------- network
@@ -134,7 +168,7 @@ def predict_canonical(model: nn.Module, image: np.ndarray, *, slice_spacing_mm: 
     Parameters
     ----------
     model : nn.Module
-        2-D network, ``(B, 1, H, W)`` -> ``(B, 3, H, W)`` logits.
+        2-D network, ``(B, 1, H, W)`` -> ``(B, K, H, W)`` logits.
     image : (L, H, W) float32 ndarray
         Sagittal slices on the canonical grid (:func:`~mskmri.segment._spine_data.to_canonical`),
         normalised to [0, 1].
@@ -146,7 +180,7 @@ def predict_canonical(model: nn.Module, image: np.ndarray, *, slice_spacing_mm: 
     Returns
     -------
     (L, H, W) uint8 ndarray
-        0 background, 1 vertebral body, 2 sacrum.
+        Network classes (:data:`~mskmri.segment._spine_data.NET_CLASSES`).
     """
     import torch
     from scipy import ndimage
@@ -246,13 +280,52 @@ def body_instances(classes: LabelVolume) -> tuple[np.ndarray, list[str]]:
     return out, warnings
 
 
+def c2_anchor(out: np.ndarray, ids: list[int], classes: LabelVolume) -> str | None:
+    """Why the top body cannot be taken as C2, or None when it can (see :data:`C2_HEIGHT_RATIO`).
+
+    Parameters
+    ----------
+    out : (I, J, K) int ndarray
+        Ordinal body ids (numbered from the top) on ``classes``' grid.
+    ids : list of int
+        The ordinal ids present, top first.
+    classes : LabelVolume
+        Network classes (discs :data:`NET_DISC` are looked at above the top body).
+    """
+    if len(ids) < C2_MIN_BODIES:
+        return f"fewer than {C2_MIN_BODIES} bodies in view for the C2 rule"
+    if len(ids) > VERTEBRA_ID["L5"] - VERTEBRA_ID["C2"] + 1:
+        return "more bodies than levels from C2 to L5"
+    top = np.argwhere(out == ids[0])
+    shape = out.shape
+    if any(bool(np.any((top[:, a] == 0) | (top[:, a] == shape[a] - 1)))
+           for a in range(3) if shape[a] > 1):
+        return "the top body touches the image edge (it may be cut)"
+    heights = []
+    for v in ids:
+        zs = classes.voxel_to_world(np.argwhere(out == v)) @ SUPERIOR
+        heights.append(float(zs.max() - zs.min()))
+    med = float(np.median(heights[1:]))
+    if heights[0] < C2_HEIGHT_RATIO * med:
+        return (f"the top body is {heights[0] / med:.1f}x the median height of the others "
+                f"(C2 with its dens: >= {C2_HEIGHT_RATIO})")
+    top_s = float((classes.voxel_to_world(top) @ SUPERIOR).max())
+    discs = np.argwhere(np.asarray(classes.array) == NET_DISC)
+    if discs.size:
+        above = classes.voxel_to_world(discs) @ SUPERIOR > top_s
+        if int(above.sum()) * float(np.prod(classes.spacing)) >= MIN_SOFT_MM3:
+            return "a disc lies above the top body (a vertebra above it is in view)"
+    return None
+
+
 def assign_levels(classes: LabelVolume) -> tuple[LabelVolume, str, list[str]]:
     """Instances and levels from a body/sacrum class map (see the module docstring).
 
     Parameters
     ----------
     classes : LabelVolume
-        Values :data:`NET_BODY` (any vertebral body) and :data:`NET_SACRUM`, known geometry.
+        Values :data:`NET_BODY` (any vertebral body) and :data:`NET_SACRUM` (other network
+        classes are looked at for the C2 rule only), known geometry.
 
     Returns
     -------
@@ -280,6 +353,13 @@ def assign_levels(classes: LabelVolume) -> tuple[LabelVolume, str, list[str]]:
     def s_coords(mask: np.ndarray) -> np.ndarray:
         return classes.voxel_to_world(np.argwhere(mask)) @ SUPERIOR
 
+    def rename(first_id: int, from_top: bool) -> np.ndarray:
+        renamed = np.zeros_like(out)
+        order = ids if from_top else list(reversed(ids))
+        for rank, v in enumerate(order):
+            renamed[out == v] = first_id + rank if from_top else first_id - rank
+        return np.where(np.isin(out, ids), renamed, out)
+
     sizes = {v: int(np.count_nonzero(out == v)) for v in ids}
     med = float(np.median(list(sizes.values())))
     lowest = ids[-1]  # ordinal ids are numbered from the top
@@ -306,11 +386,15 @@ def assign_levels(classes: LabelVolume) -> tuple[LabelVolume, str, list[str]]:
             if len(ids) > VERTEBRA_ID["L5"] - VERTEBRA_ID["C2"] + 1:
                 reason = "more bodies above the sacrum than levels from C2 to L5"
             else:
-                renamed = np.zeros_like(out)
-                for rank, v in enumerate(reversed(ids)):
-                    renamed[out == v] = VERTEBRA_ID["L5"] - rank
-                out = np.where(np.isin(out, ids), renamed, out)
+                out = rename(VERTEBRA_ID["L5"], from_top=False)
                 source = LEVEL_SOURCE_ANATOMY
+    if source == LEVEL_SOURCE_ORDINAL:
+        c2_reason = c2_anchor(out, ids, classes)
+        if c2_reason is None:
+            out = rename(VERTEBRA_ID["C2"], from_top=True)
+            source = LEVEL_SOURCE_C2
+        else:
+            reason = f"{reason}; not C2: {c2_reason}"
     if source == LEVEL_SOURCE_ORDINAL:
         warnings.append(f"vertebral levels could not be told ({reason}): bodies have ordinal "
                         "ids from 1000 numbered from the top (V1000, V1001, ...)")
@@ -319,10 +403,100 @@ def assign_levels(classes: LabelVolume) -> tuple[LabelVolume, str, list[str]]:
     return labels, source, warnings
 
 
+def _components(mask: np.ndarray, voxel_mm3: float) -> tuple[np.ndarray, list[int]]:
+    """Face-connected components of ``mask`` and the ids of those of at least
+    :data:`MIN_SOFT_MM3`."""
+    import cc3d
+
+    lab = cc3d.connected_components(mask.astype(np.uint8), connectivity=6)
+    counts = np.bincount(lab.ravel())
+    keep = [i for i in range(1, len(counts)) if counts[i] * voxel_mm3 >= MIN_SOFT_MM3]
+    return lab, keep
+
+
+def add_soft_tissue(labels: LabelVolume,
+                    classes: LabelVolume) -> tuple[LabelVolume, list[str], dict[str, str]]:
+    """Add discs (100 + body above), cord (201) and CSF (202) to a body label map.
+
+    Parameters
+    ----------
+    labels : LabelVolume
+        Output of :func:`assign_levels` (bodies, sacrum).
+    classes : LabelVolume
+        Network classes on the same grid.
+
+    Returns
+    -------
+    labels : LabelVolume
+        With discs, cord and CSF.
+    warnings : list of str
+    not_segmented : dict of str to str
+        Structure -> why it is absent (none predicted, or every part dropped).
+    """
+    warnings: list[str] = []
+    missing: dict[str, str] = {}
+    arr = np.asarray(classes.array)
+    out = np.asarray(labels.array).astype(np.int32).copy()
+    voxel_mm3 = float(np.prod(classes.spacing))
+    # ---- discs
+    verts = sorted(int(v) for v in np.unique(out) if is_vertebra(int(v)))
+    cents = {v: classes.voxel_to_world(np.argwhere(out == v)).mean(axis=0) for v in verts}
+    order = sorted((v for v in verts if v != SACRUM_ID), key=lambda v: -float(cents[v] @ SUPERIOR))
+    if SACRUM_ID in cents:
+        order.append(SACRUM_ID)
+    disc_mask = arr == NET_DISC
+    if not disc_mask.any():
+        missing["discs"] = "the network found no disc in this image"
+    else:
+        lab, keep = _components(disc_mask, voxel_mm3)
+        dropped = 0
+        for comp in keep:
+            idx = np.argwhere(lab == comp)
+            c = classes.voxel_to_world(idx).mean(axis=0)
+            s = float(c @ SUPERIOR)
+            pair = [(u, w) for u, w in zip(order[:-1], order[1:], strict=True)
+                    if float(cents[u] @ SUPERIOR) > s > float(cents[w] @ SUPERIOR)]
+            if not pair:
+                dropped += 1
+                continue
+            u, w = pair[0]
+            axis = cents[w] - cents[u]
+            t = float(np.clip((c - cents[u]) @ axis / max(float(axis @ axis), 1e-9), 0, 1))
+            if float(np.linalg.norm(c - (cents[u] + t * axis))) > COLUMN_MAX_OFFSET_MM:
+                dropped += 1
+                continue
+            sel = tuple(idx.T)
+            out[sel] = np.where(out[sel] == 0, DISC_OFFSET + u, out[sel])
+        if dropped:
+            warnings.append(f"{dropped} disc-like region(s) outside the bodies in view or off "
+                            "the vertebral column dropped")
+        if not any(is_disc(int(v)) for v in np.unique(out)):
+            missing["discs"] = ("no disc found lies between two bodies in view "
+                                f"({dropped} region(s) dropped)")
+    # ---- cord and CSF
+    for net, value, name in ((NET_CORD, SPINAL_CORD, "spinal cord"), (NET_CSF, CSF, "CSF")):
+        mask = arr == net
+        if not mask.any():
+            missing[name] = f"the network found no {name} in this image"
+            continue
+        lab, keep = _components(mask, voxel_mm3)
+        counts = np.bincount(lab.ravel())
+        big = max((int(counts[i]) for i in keep), default=0)
+        keep = [i for i in keep if counts[i] >= MIN_CORD_FRACTION * big]
+        if not keep:
+            missing[name] = f"every {name} region found is smaller than {MIN_SOFT_MM3:g} mm^3"
+            continue
+        sel = np.isin(lab, keep) & (out == 0)
+        out[sel] = value
+    names = spine_labels_for({int(v) for v in np.unique(out) if v})
+    return (LabelVolume(out, labels.affine, names, schema="spine", meta=dict(labels.meta)),
+            warnings, missing)
+
+
 # ----------------------------------------------------------------------------- public API
 def segment_spine(image: Volume, *, model: str | os.PathLike[str] = DEFAULT_MODEL,
                   device: str = "cpu") -> SpineSegmentation:
-    """Segment the vertebral bodies of a sagittal spine MRI.
+    """Segment the vertebral bodies, discs, cord and CSF of a sagittal spine MRI.
 
     Parameters
     ----------
@@ -336,7 +510,8 @@ def segment_spine(image: Volume, *, model: str | os.PathLike[str] = DEFAULT_MODE
     Returns
     -------
     SpineSegmentation
-        Label map on ``image``'s grid, how levels were named, warnings, timings.
+        Label map on ``image``'s grid, how levels were named, warnings, timings, and the
+        structures not segmented with the reason.
 
     Raises
     ------
@@ -360,9 +535,10 @@ def segment_spine(image: Volume, *, model: str | os.PathLike[str] = DEFAULT_MODE
     with torch.no_grad():
         classes = predict_canonical(net, norm, slice_spacing_mm=can.spacing[0])
     t2 = time.perf_counter()
-    class_vol = LabelVolume(classes, can.affine, {NET_BODY: "vertebral body",
-                                                  NET_SACRUM: "sacrum"}, schema="custom")
+    class_vol = LabelVolume(classes, can.affine, dict(sd.NET_CLASSES), schema="custom")
     labels_can, source, warnings = assign_levels(class_vol)
+    labels_can, soft_warnings, missing = add_soft_tissue(labels_can, class_vol)
+    warnings += soft_warnings
     labels = labels_can.resample_to(image, order=0)
     assert isinstance(labels, LabelVolume)
     labels.meta = dict(image.meta)
@@ -375,7 +551,7 @@ def segment_spine(image: Volume, *, model: str | os.PathLike[str] = DEFAULT_MODE
             "canonical_shape": list(can.shape),
             "seconds": {"load": round(t1 - t0, 3), "network": round(t2 - t1, 3),
                         "postprocess": round(time.perf_counter() - t2, 3)}}
-    return SpineSegmentation(labels, source, warnings, info)
+    return SpineSegmentation(labels, source, warnings, info, missing)
 
 
 def segment_spine_file(image_path: str | os.PathLike[str], out_path: str | os.PathLike[str], *,
@@ -398,6 +574,7 @@ def segment_spine_file(image_path: str | os.PathLike[str], out_path: str | os.Pa
     return res
 
 
-__all__ = ["DEFAULT_MODEL", "LEVEL_SOURCE_ANATOMY", "LEVEL_SOURCE_ORDINAL", "SACRUM_ID",
-           "SegmentationError", "SpineSegmentation", "assign_levels", "predict_canonical",
-           "segment_spine", "segment_spine_file"]
+__all__ = ["DEFAULT_MODEL", "LEVEL_SOURCE_ANATOMY", "LEVEL_SOURCE_C2", "LEVEL_SOURCE_ORDINAL",
+           "SACRUM_ID", "SegmentationError", "SpineSegmentation", "add_soft_tissue",
+           "assign_levels", "c2_anchor", "predict_canonical", "segment_spine",
+           "segment_spine_file"]

@@ -1,0 +1,304 @@
+"""Cervical measurements from predicted masks (U2AD slices) and held-out disc/cord/CSF Dice.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/spine_cervical.py --model-b RUN_B/model.safetensors \
+        [--model-a spine-seg] [--data ../shared/data] [--out benchmarks/results/spine_cervical.json]
+
+What it does (issue 6, "Segmentation" and the cervical targets of "Measurements"):
+
+- U2AD (6 sagittal cervical T2 slices, 1 mm): the spine-seg model was trained on the clinical
+  slices of one fold of :data:`mskmri.segment._spine_data.U2AD_FOLDS` only; every slice is
+  segmented by the model that did **not** see it (fold "a" = the shipped model, trained on
+  private_1 and private_2, scores private_3 and the three public slices; a fold "b" model,
+  trained on private_3, scores private_1 and private_2). The model cards are checked: a slice
+  a model was trained on is never scored with it.
+- The manual reference is measured exactly as ``benchmarks/spine_measurements.py`` does
+  (single-class bodies/discs split from the top, the top body C2 when complete). The
+  prediction is measured as ``mskmri analyze spine`` would: the label map of
+  :func:`mskmri.segment.spine.segment_spine` (levels from the C2 rule when it holds) through
+  :func:`mskmri.measure.spine.analyse_spine` with the image.
+- C2-C7 Cobb between the inferior endplates: (a) as reported under the predicted level names,
+  (b) between the predicted bodies that cover manual C2 and C7 (geometry only, independent of
+  the level naming). MSCC per disc, matched through the bodies covering the manual ones.
+  Targets (the CervAI-X paper's errors): |Cobb difference| <= 2.44 deg (its MAE), MSCC within
+  3.6 points.
+- Dice per class within the labelled S-I band of each slice: bodies, discs; cord only where
+  the cord label spans the column (private_1, private_2); CSF labels are partial, so the
+  fraction of labelled CSF pixels predicted as CSF (recall) is given instead of a Dice.
+- radiospineomics (2 mid-sagittal lumbar T2 slices, never used in training): L1+L2 body and
+  L1-L2 disc Dice within the rows of the labelled L1 top to L2 bottom.
+
+What 6 slices can and cannot show: only the 3 clinical slices have a complete C2-T1 column and
+so a C2-C7 Cobb and MSCC reference; 3 Cobb differences and a dozen MSCC pairs can reveal gross
+failures and bias, not establish an MAE (its uncertainty is of the order of the values) nor
+generalisation to other scanners; the public slices carry bodies/discs over short stretches and
+no cord, so they only add Dice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mskmri.io import atomic_write_json
+from mskmri.labels import U2AD, is_disc, is_vertebra
+from mskmri.measure.spine import (
+    analyse_spine,
+    cobb_angle,
+    slice_image_volume,
+    slice_label_volume,
+    split_vertebral_bodies,
+)
+from mskmri.paths import shared_data_dir
+from mskmri.segment import _spine_data as sd
+from mskmri.segment.spine import segment_spine
+from mskmri.volume import LabelVolume
+
+#: CervAI-X errors used as targets (deg, MSCC points).
+TARGET_COBB_DEG = 2.44
+TARGET_MSCC_POINTS = 3.6
+#: radiospineomics slices: (folder, image, masks) with pixel spacing from the files.
+RADIOSPINEOMICS = ("P0741_756", "P0741_757")
+
+
+def _r(x: float | None, nd: int = 3) -> float | None:
+    return None if x is None or not np.isfinite(x) else round(float(x), nd)
+
+
+def _dice(p: np.ndarray, t: np.ndarray) -> float | None:
+    return _r(sd.binary_dice(p, t), 4) if t.any() else None
+
+
+def _rows(mask: np.ndarray, margin: int = 0) -> slice:
+    rows = np.nonzero(mask.any(axis=1))[0]
+    return slice(max(int(rows[0]) - margin, 0), int(rows[-1]) + margin + 1)
+
+
+def manual_u2ad(labels: np.ndarray) -> tuple[LabelVolume, list[str]]:
+    """The manual U2AD slice in the spine schema, levels from the top (C2 when complete)."""
+    arr = U2AD.apply(labels).astype(np.int32)
+    seg = slice_label_volume(arr, (1.0, 1.0), row_axis="I", col_axis="P", source="u2ad")
+    return split_vertebral_bodies(seg, body_value=1000, disc_value=1100, first_level="C2")
+
+
+def _body_map(manual: LabelVolume, pred: LabelVolume) -> dict[str, str]:
+    """Manual level name -> name of the predicted body covering most of it."""
+    out: dict[str, str] = {}
+    for v in manual.present_values():
+        if not is_vertebra(v) or v == 26:
+            continue
+        vals, counts = np.unique(pred.array[manual.array == v], return_counts=True)
+        keep = np.array([is_vertebra(int(x)) and x != 26 for x in vals], bool)
+        if keep.any():
+            p = int(vals[keep][np.argmax(counts[keep])])
+            out[manual.labels[v]] = pred.labels.get(p, str(p))
+    return out
+
+
+def evaluate_u2ad_slice(key: str, image_arr: np.ndarray, labels: np.ndarray,
+                        model: str) -> dict[str, Any]:
+    """Dice per class, C2-C7 Cobb and MSCC of one slice, predicted vs manual."""
+    image = slice_image_volume(image_arr, (1.0, 1.0), row_axis="I", col_axis="P")
+    t0 = time.perf_counter()
+    res = segment_spine(image, model=model)
+    seconds = time.perf_counter() - t0
+    pred = res.labels
+    manual, _ = manual_u2ad(labels)
+    p2 = np.asarray(pred.array)[:, :, 0]
+    target, labelled = sd.u2ad_target(labels)
+    column = (target == sd.BODY) | (target == sd.DISC)
+    band = _rows(column, margin=3)
+    vb = np.vectorize(lambda v: is_vertebra(int(v)) and v != 26)
+    vd = np.vectorize(lambda v: is_disc(int(v)))
+    pb, pd_ = vb(p2), vd(p2)
+    out: dict[str, Any] = {
+        "model": model, "segment_seconds": _r(seconds, 2), "levels": res.level_source,
+        "warnings": res.warnings, "not_segmented": res.not_segmented,
+        "dice": {"vertebral_body": _dice(pb[band], (target == sd.BODY)[band]),
+                 "disc": _dice(pd_[band], (target == sd.DISC)[band]),
+                 "spinal_cord": _dice(p2 == 201, target == sd.CORD) if labelled[sd.CORD]
+                 else None},
+        "csf_recall": (_r(float(np.mean(p2[target == sd.CSF] == 202)), 4)
+                       if np.any(target == sd.CSF) else None),
+        "cord_recall": (_r(float(np.mean(p2[target == sd.CORD] == 201)), 4)
+                        if np.any(target == sd.CORD) else None),
+    }
+    a_man = analyse_spine(manual, image=image)
+    a_pred = analyse_spine(pred, image=image)
+    man = {m.key: m.value for m in a_man.measurements}
+    prd = {m.key: m.value for m in a_pred.measurements}
+    ref = man.get("cobb_angle.C2-C7")
+    out["cobb_C2_C7_manual_deg"] = _r(ref)
+    named = prd.get("cobb_angle.C2-C7")
+    out["cobb_C2_C7_named_deg"] = _r(named)
+    out["cobb_C2_C7_named_diff_deg"] = _r(named - ref) if (
+        named is not None and ref is not None) else None
+    bmap = _body_map(manual, pred)
+    matched = None
+    if ref is not None and "C2" in bmap and "C7" in bmap:
+        gu, gl = a_pred.vertebrae.get(bmap["C2"]), a_pred.vertebrae.get(bmap["C7"])
+        if gu is not None and gl is not None:
+            matched = cobb_angle(gu, gl, upper_endplate="inferior", lower_endplate="inferior")
+    out["cobb_C2_C7_matched_diff_deg"] = _r(matched - ref) if (
+        matched is not None and ref is not None) else None
+    out["body_match"] = bmap
+    mscc: dict[str, dict[str, float | None]] = {}
+    for k, v in man.items():
+        if not k.startswith("mscc."):
+            continue
+        disc = k.split(".", 1)[1]
+        upper, lower = disc.split("-")
+        pname = f"{bmap.get(upper)}-{bmap.get(lower)}"
+        got = prd.get(f"mscc.{pname}")
+        mscc[disc] = {"manual": _r(v, 2), "predicted": _r(got, 2),
+                      "diff": _r(got - v, 2) if got is not None else None}
+    out["mscc_percent"] = mscc
+    return out
+
+
+def evaluate_radiospineomics(base: Path, subject: str, model: str) -> dict[str, Any]:
+    """L1+L2 body and L1-L2 disc Dice on one mid-sagittal lumbar slice (never trained on)."""
+    import SimpleITK as sitk
+
+    def arr(p: Path) -> tuple[np.ndarray, tuple[float, ...]]:
+        im = sitk.ReadImage(str(p))
+        return sitk.GetArrayFromImage(im).squeeze(), im.GetSpacing()
+
+    img, spacing = arr(base / subject / "images" / f"{subject}.nrrd")
+    masks = {n: arr(base / subject / "masks" / f"{n}-{subject}.nrrd")[0] > 0
+             for n in ("L1_VB", "L2_VB", "L1_L2_IVD")}
+    # rows run S->I and columns A->P (checked visually); spacing (x = columns, y = rows)
+    image = slice_image_volume(img.astype(np.float32), (spacing[1], spacing[0]),
+                               row_axis="I", col_axis="P")
+    res = segment_spine(image, model=model)
+    p2 = np.asarray(res.labels.array)[:, :, 0]
+    body = masks["L1_VB"] | masks["L2_VB"]
+    band = _rows(body | masks["L1_L2_IVD"])
+    pb = np.vectorize(lambda v: is_vertebra(int(v)) and v != 26)(p2)
+    pd_ = np.vectorize(lambda v: is_disc(int(v)))(p2)
+    return {"dice": {"vertebral_body_L1_L2": _dice(pb[band], body[band]),
+                     "disc_L1_L2": _dice(pd_[band], masks["L1_L2_IVD"][band])},
+            "levels": res.level_source, "not_segmented": res.not_segmented}
+
+
+def _card(model: str) -> Any:
+    from mskmri.nn.registry import read_card, resolve_weights
+
+    return read_card(resolve_weights(model)[0])
+
+
+def _git_commit(root: Path) -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _mean_abs(xs: list[float]) -> float | None:
+    return _r(float(np.mean(np.abs(xs)))) if xs else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path, default=None, help="shared data folder")
+    ap.add_argument("--model-a", default="spine-seg", help="fold-a model (shipped)")
+    ap.add_argument("--model-b", required=True, help="fold-b model weights (*.safetensors)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results"
+                    / "spine_cervical.json")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    data = args.data or shared_data_dir()
+    if data is None:
+        sys.stderr.write("no shared data: give --data or set MSKMRI_SHARED_DATA\n")
+        return 2
+    data = Path(data)
+    cards = {"a": _card(args.model_a), "b": _card(args.model_b)}
+    models = {"a": args.model_a, "b": args.model_b}
+    trained = {f: set((c.extra or {}).get("u2ad_trained") or []) for f, c in cards.items()}
+    t0 = time.perf_counter()
+    npz = np.load(data / "spine" / sd.U2AD_FILE)
+    slices: dict[str, Any] = {}
+    for key in sd.U2AD_KEYS:
+        fold = "b" if key in trained["a"] else "a"
+        if key in trained[fold]:
+            raise SystemExit(f"both models were trained on {key}; refusing to score it")
+        entry = evaluate_u2ad_slice(key, npz[f"{key}_img"], npz[f"{key}_labels"], models[fold])
+        entry["fold_model"] = fold
+        slices[key] = entry
+        sys.stdout.write(f"{key} (model {fold}): Dice {entry['dice']}, Cobb C2-C7 manual "
+                         f"{entry['cobb_C2_C7_manual_deg']} named diff "
+                         f"{entry['cobb_C2_C7_named_diff_deg']} matched diff "
+                         f"{entry['cobb_C2_C7_matched_diff_deg']}\n")
+    named = [e["cobb_C2_C7_named_diff_deg"] for e in slices.values()
+             if e["cobb_C2_C7_named_diff_deg"] is not None]
+    matched = [e["cobb_C2_C7_matched_diff_deg"] for e in slices.values()
+               if e["cobb_C2_C7_matched_diff_deg"] is not None]
+    mscc = [d["diff"] for e in slices.values() for d in e["mscc_percent"].values()
+            if d["diff"] is not None]
+    mscc_missing = sum(d["diff"] is None for e in slices.values()
+                       for d in e["mscc_percent"].values())
+
+    def cls_mean(name: str) -> float | None:
+        vals = [e["dice"][name] for e in slices.values() if e["dice"][name] is not None]
+        return _r(float(np.mean(vals)), 4) if vals else None
+
+    base = data / "spine" / "radiospineomics_lumbar_2d"
+    rso = {s: evaluate_radiospineomics(base, s, args.model_a) for s in RADIOSPINEOMICS}
+    doc: dict[str, Any] = {
+        "schema": "mskmri/benchmark/spine_cervical/1",
+        "command": " ".join(["python", *sys.argv]),
+        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"node": platform.node(), "platform": platform.platform(),
+                    "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "torch_threads": args.threads,
+                    "python": platform.python_version(), "note": "2 CPU cores shared with "
+                    "other jobs: timings are upper bounds"},
+        "git_commit": _git_commit(Path(__file__).resolve().parents[1]),
+        "models": {f: {"path": models[f], "sha256": c.sha256, "command": c.command,
+                       "u2ad_trained": sorted(trained[f])} for f, c in cards.items()},
+        "targets": {"cobb_C2_C7_abs_diff_deg": TARGET_COBB_DEG,
+                    "mscc_abs_diff_points": TARGET_MSCC_POINTS},
+        "u2ad": slices,
+        "radiospineomics": rso,
+        "summary": {
+            "cobb_C2_C7_named_mae_deg": _mean_abs(named), "cobb_C2_C7_named_n": len(named),
+            "cobb_C2_C7_matched_mae_deg": _mean_abs(matched),
+            "cobb_C2_C7_matched_n": len(matched),
+            "mscc_mae_points": _mean_abs(mscc), "mscc_n": len(mscc),
+            "mscc_max_abs_points": _r(float(np.max(np.abs(mscc)))) if mscc else None,
+            "mscc_reference_levels_not_measured_on_prediction": mscc_missing,
+            "u2ad_dice_mean": {n: cls_mean(n) for n in ("vertebral_body", "disc",
+                                                         "spinal_cord")},
+            "radiospineomics_dice_mean": {
+                n: _r(float(np.mean([r["dice"][n] for r in rso.values()
+                                     if r["dice"][n] is not None])), 4)
+                for n in ("vertebral_body_L1_L2", "disc_L1_L2")},
+        },
+        "limits": ("6 slices: only the 3 clinical ones have a C2-C7 Cobb and MSCC reference, "
+                   "so the MAE is over 3 angles and a dozen MSCC pairs: enough to reveal gross "
+                   "failures or a bias, not to establish the paper's MAE; two models (2-fold "
+                   "split of the clinical slices, 2 and 1 training slices) and one scanner type. "
+                   "CSF labels are partial: only recall is given."),
+    }
+    doc["seconds_total"] = round(time.perf_counter() - t0, 1)
+    atomic_write_json(args.out, doc)
+    sys.stdout.write(f"summary: {doc['summary']}\nwrote {args.out}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
