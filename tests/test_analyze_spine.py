@@ -140,7 +140,7 @@ def test_phantom_analysis_report_and_overwrite(tmp_path: Path,
     nm = html[html.index('class="not-measured"'):]
     assert "no spinal cord in the label map" in nm and "Fracture grade" in nm
     assert all(n not in got for n in (("mscc", None), ("cord_area", None)))
-    for section in ('id="study"', 'id="qc"', 'id="methods"', "Input checksums"):
+    for section in ('id="study"', 'id="qc"', 'id="methods"', 'id="surfaces"', "Input checksums"):
         assert section in html
     manifest = json.loads((out / "analysis.json").read_text())
     assert manifest["command"].startswith("mskmri analyze spine ")

@@ -466,7 +466,8 @@ def lesion_table_section(seg: LabelVolume, lesions: LabelVolume) -> Any:
 
 
 def knee_not_measured(seg: LabelVolume, document: dict[str, Any],
-                      lesions: LabelVolume | None) -> list[tuple[str, str]]:
+                      lesions: LabelVolume | None, *, meshes: bool = True
+                      ) -> list[tuple[str, str]]:
     """(what, why) for the knee measurements this analysis could not make.
 
     A structure of the knee schema absent from the label map has no volume; without a lesion
@@ -483,6 +484,8 @@ def knee_not_measured(seg: LabelVolume, document: dict[str, Any],
     if lesions is None:
         out.append(("Bone marrow lesions (volume, count per bone)",
                     "no lesion mask was given (--lesions MASK)"))
+    if not meshes:
+        out.append(("3-D views and meshes", "not made: --no-meshes was given"))
     return out
 
 
@@ -659,7 +662,7 @@ def analyze_knee(
                 figures=figures, warnings=warnings, sections=sections,
                 provenance={"command": command or f"analyze_knee({str(image_path)!r})",
                             "segmentation": seg_source, **options},
-                not_measured=knee_not_measured(seg, document, lesions),
+                not_measured=knee_not_measured(seg, document, lesions, meshes=meshes),
                 methods=KNEE_METHODS, **context.report_kwargs(),
             )
             write_pdf(tmp, pdf=pdf)

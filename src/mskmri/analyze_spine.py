@@ -236,6 +236,9 @@ def analyze_spine(image_path: str | os.PathLike[str], out_dir: str | os.PathLike
                                  "labelled bodies: the image (top) and the label map (bottom)."),
             *qc_figures(image, seg, context),
         ]
+        from mskmri.report.views import spine_surfaces_section
+
+        surfaces = spine_surfaces_section(seg)
         timings["figures"] = time.perf_counter() - t
         t = time.perf_counter()
         write_report(
@@ -245,6 +248,7 @@ def analyze_spine(image_path: str | os.PathLike[str], out_dir: str | os.PathLike
             figures=figures, warnings=warnings,
             provenance={"command": command, "segmentation": json.dumps(seg_record)[:2000]},
             not_measured=spine_not_measured(seg, document, warnings), methods=SPINE_METHODS,
+            sections=[surfaces] if surfaces is not None else [],
             **context.report_kwargs())
         write_pdf(tmp, pdf=pdf)
         timings["report"] = time.perf_counter() - t

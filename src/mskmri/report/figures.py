@@ -68,7 +68,7 @@ PANEL_HEIGHT_IN = 3.4
 #: Output resolution in dots per inch.
 DPI = 120
 #: Panels narrower than this (inches) get their title on three short lines.
-WIDE_TITLE_MIN_IN = 3.0
+WIDE_TITLE_MIN_IN = 2.8
 #: Figure and panel background (dark, as a reading room viewer).
 BACKGROUND = "#101418"
 #: Scale-bar lengths tried, in mm; the longest that fits in a quarter of the panel is used.
@@ -302,6 +302,7 @@ def _draw_panel(
     contour_alpha: float,
     show_labels: bool = True,
     show_title: bool = True,
+    stacked_title: bool | None = None,
 ) -> None:
     import matplotlib.patheffects as pe
 
@@ -335,7 +336,9 @@ def _draw_panel(
                  f"(slice {sl.index + 1}/{sl.count})")
         width_in = PANEL_HEIGHT_IN * (right - left) / max(bottom - top, 1e-6)
         # a narrow panel (e.g. a sagittal spine) gets a stacked title so titles never overlap
-        title = "   ".join(parts) if width_in >= WIDE_TITLE_MIN_IN else "\n".join(parts)
+        if stacked_title is None:
+            stacked_title = width_in < WIDE_TITLE_MIN_IN
+        title = "\n".join(parts) if stacked_title else "   ".join(parts)
         ax.set_title(title, color="#dde3ea", fontsize=10 if width_in >= 2.0 else 8, pad=5)
     ax.set_xlim(left, right)
     ax.set_ylim(bottom, top)
@@ -419,11 +422,12 @@ def overlay_figure(
                  layout=ConstrainedLayoutEngine(h_pad=0.08, w_pad=0.06))
     axes = fig.subplots(len(rows), len(slices), width_ratios=ratios, squeeze=False)
     bar = _scale_bar_mm(min(s.extent[1] - s.extent[0] for s in slices))  # one length for all
+    stacked = min(ratios) * PANEL_HEIGHT_IN < WIDE_TITLE_MIN_IN  # one title style for all
     for r, show_labels in enumerate(rows):
         for ax, sl in zip(axes[r], slices, strict=True):
             _draw_panel(ax, sl, window, tables, scale_bar_mm=bar, fill_alpha=fill_alpha,
                         contour_alpha=contour_alpha, show_labels=show_labels,
-                        show_title=r == 0)
+                        show_title=r == 0, stacked_title=stacked)
 
     handles = []
     for k, (m, table) in enumerate(zip(maps, tables, strict=True)):

@@ -115,8 +115,10 @@ def spine_drawing(image: Volume, segmentation: LabelVolume | None,
         ax.plot(xy[:, 0], xy[:, 1], color=COBB_COLOUR, linewidth=1.2, linestyle="--")
     texts = list(dict.fromkeys(f"Cobb {label}: {value:.1f} deg" for _, (label, value) in cobb))
     if texts:
+        # on a dark box, so the text stays legible where it crosses a level name or a line
         ax.text(left + 0.03 * (right - left), top + 0.10 * (bottom - top), "\n".join(texts),
-                color=COBB_COLOUR, fontsize=9, ha="left", va="top", path_effects=outline)
+                color=COBB_COLOUR, fontsize=9, ha="left", va="top", path_effects=outline,
+                bbox={"facecolor": "black", "alpha": 0.65, "edgecolor": "none", "pad": 2.0})
     ax.set_xlim(left, right)
     ax.set_ylim(bottom, top)
     fig.tight_layout(pad=0.3)

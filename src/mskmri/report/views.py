@@ -380,6 +380,48 @@ def surfaces_section(
     )
 
 
+def spine_views() -> list[View]:
+    """Anterior and left-lateral cameras (the lateral one as a sagittal image is read)."""
+    return [View("anterior", np.array([0.0, -1.0, 0.0]), "Anterior view"),
+            View("left", np.array([1.0, 0.0, 0.0]), "View from the patient's left")]
+
+
+def spine_surfaces_section(seg: LabelVolume) -> ReportSection | None:
+    """The spine report's 3-D section: the labelled structures seen from the front and side.
+
+    Parameters
+    ----------
+    seg : LabelVolume
+        (I, J, K) spine label map with known geometry.
+
+    Returns
+    -------
+    ReportSection or None
+        None when no structure is large enough to mesh.
+    """
+    from mskmri.report.figures import ReportFigure
+    from mskmri.report.html import ReportSection
+
+    meshes = display_meshes(seg, hidden=())
+    if not meshes:
+        return None
+    views = spine_views()
+    combined, _ = views_figure(meshes, views)
+    slice_mm = max(seg.spacing)
+    return ReportSection(
+        id="surfaces", title="3-D reconstruction",
+        paragraphs=[f"Surfaces of the labelled structures (marching cubes on the label map "
+                    f"block-averaged to about {DISPLAY_VOXEL_MM:g} mm, light smoothing). With "
+                    f"sagittal slices {slice_mm:.3g} mm apart the surfaces are coarse from side "
+                    "to side; they show the levels and their alignment, and are never "
+                    "measured."],
+        figures=[ReportFigure(
+            title="3-D views", png=combined,
+            caption=", ".join(v.title for v in views) + " of the reconstruction "
+                    "(orthographic projection; patient superior is up).")],
+    )
+
+
 __all__ = [
     "HIDDEN_STRUCTURES",
     "View",
@@ -388,6 +430,8 @@ __all__ = [
     "knee_side",
     "knee_views",
     "render_knee_views",
+    "spine_surfaces_section",
+    "spine_views",
     "surfaces_section",
     "views_figure",
 ]
