@@ -123,6 +123,103 @@ def test_cache_round_trip_and_datasets_are_deterministic(tmp_path: Path) -> None
     assert int((yc > 0).sum()) == int((want["coarse_labels"] > 0).sum())
 
 
+def _no_intensity_change(monkeypatch: Any) -> None:
+    """Switch every intensity/resolution augmentation off (flip stays)."""
+    for name in ("AUG_GAMMA_STD", "AUG_SCALE_STD", "AUG_SHIFT_STD", "AUG_NOISE_MAX",
+                 "AUG_BIAS_MAX", "AUG_BLUR_PROBABILITY", "AUG_THICK_PROBABILITY",
+                 "RELABEL_PROBABILITY"):
+        monkeypatch.setattr(KT, name, 0.0)
+
+
+def test_augment_patch_flips_image_and_labels_together(monkeypatch: Any) -> None:
+    _no_intensity_change(monkeypatch)
+    lab = np.zeros((6, 5, 4), np.uint8)
+    lab[:2] = 1   # the "right" side only: a flip moves it
+    lab[3, 2, 1] = 5
+    img = (lab * 0.1).astype(np.float32)
+    flipped = 0
+    for seed in range(12):
+        x, y = KT.augment_patch(img, lab, np.random.default_rng(seed))
+        np.testing.assert_allclose(x, y * 0.1, atol=1e-6)  # intensities stay with their labels
+        flipped += int(y[-1, 0, 0] == 1)
+        assert np.array_equal(y, lab) or np.array_equal(y, lab[::-1])
+    assert 0 < flipped < 12  # both outcomes happen
+
+
+def test_relabelled_patch_is_constant_per_class_and_keeps_the_background() -> None:
+    lab = np.zeros((8, 8, 8), np.uint8)
+    lab[2:5] = 1
+    lab[5:7] = 5
+    img = np.linspace(0, 1, lab.size, dtype=np.float32).reshape(lab.shape)
+    rng = np.random.default_rng(0)
+    out = KT.relabel_intensities(img, lab, rng)
+    scale = out[lab == 0] / np.maximum(img[lab == 0], 1e-9)
+    nz = img[lab == 0] > 1e-6
+    assert np.allclose(scale[nz], scale[nz][0], rtol=1e-5)  # background: one rescaling
+    for c in (1, 5):
+        assert float(out[lab == c].std()) <= KT.RELABEL_STD_MAX * 1.5
+
+
+def test_class_centres_hold_only_their_class_and_respect_the_limit() -> None:
+    lab = np.zeros((10, 10, 10), np.uint8)
+    lab[:5] = 1
+    lab[7, 7, 7] = 9
+    cen = KT.class_centres(lab, np.random.default_rng(0), limit=50)
+    assert set(cen) == {1, 9}
+    assert cen[1].size == 50 and cen[9].size == 1
+    for c, idx in cen.items():
+        assert np.all(lab.ravel()[idx] == c)
+        assert np.unique(idx).size == idx.size
+
+
+def test_fine_patches_are_centred_on_rare_classes_more_often_than_chance(tmp_path: Path) -> None:
+    cache = _fake_cache(tmp_path)
+    ds = KT.FineDataset(cache, 3, patch=(6, 6, 6))
+    hits = sum(int((ds.sample(i % 3, np.random.default_rng(i))[1] == 5).any())
+               for i in range(60))
+    # class 5 fills 64 of 10560 voxels: a uniformly placed 6^3 patch holds it about 10 % of
+    # the time; class-weighted centring puts it in at least 0.8 * 3/4 of the patches
+    assert hits >= 33
+
+
+def test_group_dice_known_answer() -> None:
+    truth = np.zeros((4, 4, 4), np.uint8)
+    pred = np.zeros_like(truth)
+    truth[0, :2] = 1          # femur: 8 voxels
+    pred[0, :1] = 1           # 4 predicted, all right -> 2*4/(4+8)
+    truth[1] = 5              # femoral cartilage: 16 voxels, predicted exactly
+    pred[1] = 5
+    truth[2, 0, 0] = 9        # medial meniscus missed
+    d = KT.group_dice(pred, truth)
+    assert d["dice_femur"] == pytest.approx(2 * 4 / 12)
+    assert d["dice_femoral_cartilage"] == pytest.approx(1.0)
+    assert d["dice_medial_meniscus"] == 0.0
+    assert d["bones"] == pytest.approx(2 / 3) and d["cartilage"] == pytest.approx(1.0)
+    assert d["mean_groups"] == pytest.approx((2 / 3 + 1.0 + 0.0) / 3)
+
+
+def test_validation_keeps_the_best_weights_and_they_load_back(tmp_path: Path) -> None:
+    from mskmri.nn.unet import UNet, UNetConfig
+
+    cache = _fake_cache(tmp_path / "cache", 1)
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(out_channels=K.N_CLASSES, features=(2, 4), strides=(1, 2)))
+    net.eval()
+    validate = KT._make_validate(cache, 1, "fine", tmp_path / "fine")
+    with torch.no_grad():
+        first = validate(net, 1)
+        validate(net, 2)  # not better: the record stays at step 1
+    rec = json.loads((tmp_path / "fine" / KT.BEST_RECORD).read_text())
+    assert rec["step"] == 1 and rec["metrics"]["mean_groups"] == pytest.approx(
+        first["mean_groups"])
+    other = UNet(UNetConfig(out_channels=K.N_CLASSES, features=(2, 4), strides=(1, 2)))
+    got = KT.use_best_weights(other, tmp_path / "fine")
+    assert got is not None and got["step"] == 1
+    for a, b in zip(net.state_dict().values(), other.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert KT.use_best_weights(other, tmp_path / "nothing") is None
+
+
 def test_cache_entry_of_another_spec_is_not_reused(tmp_path: Path, monkeypatch: Any) -> None:
     _fake_cache(tmp_path, 1)
     other = KT.RenderCache(tmp_path, FAKE_SOURCES, 99, "train")  # other seed -> other spec
