@@ -9,7 +9,7 @@ from mskmri.labels import CSF, DISC_OFFSET, SPINAL_CORD, VERTEBRA_ID
 from mskmri.synth._common import SynthesisError
 from mskmri.synth.phantom import phantom_knee, phantom_spine
 
-LUMBAR = ("L1", "L2", "L3", "L4", "L5")
+LEVELS = ("T12", "L1", "L2", "L3", "L4", "L5")
 
 
 @pytest.fixture(scope="module")
@@ -22,15 +22,17 @@ def test_spine_phantom_truth(spine) -> None:
     assert labels.schema == "spine" and labels.same_geometry(image)
     assert image.array.dtype == np.float32 and image.array.min() >= 0
     present = set(labels.present_values())
-    bodies = {VERTEBRA_ID[lv] for lv in LUMBAR}
-    discs = {DISC_OFFSET + VERTEBRA_ID[lv] for lv in LUMBAR}  # L1-L2 ... L5-S1
+    bodies = {VERTEBRA_ID[lv] for lv in LEVELS}
+    discs = {DISC_OFFSET + VERTEBRA_ID[lv] for lv in LEVELS}  # T12-L1 ... L5-S1
     assert present == bodies | discs | {VERTEBRA_ID["sacrum"], SPINAL_CORD, CSF}
-    # bodies are stacked top (L1) to bottom (L5) along z (superior = +z in this RAS grid)
-    z = [np.argwhere(labels.array == VERTEBRA_ID[lv])[:, 2].mean() for lv in LUMBAR]
+    # bodies are stacked top (T12) to bottom (L5) along z (superior = +z in this RAS grid)
+    z = [np.argwhere(labels.array == VERTEBRA_ID[lv])[:, 2].mean() for lv in LEVELS]
     assert z == sorted(z, reverse=True)
-    # bodies are brighter inside than the dark CSF-free background of air
+    # T2-like: CSF and disc nuclei brighter than vertebral marrow
     body = np.isin(labels.array, list(bodies))
-    assert image.array[labels.array == CSF].mean() > image.array[body].mean()
+    assert image.array[labels.array == CSF].mean() > 1.5 * image.array[body].mean()
+    # the top body (T12) is cut by the field of view, as in a lumbar scan
+    assert np.any(labels.array[:, :, -1] == VERTEBRA_ID["T12"])
 
 
 def test_spine_phantom_is_seeded() -> None:
@@ -38,7 +40,7 @@ def test_spine_phantom_is_seeded() -> None:
     np.testing.assert_array_equal(a.image.array, b.image.array)
     np.testing.assert_array_equal(a.labels.array, b.labels.array)
     assert not np.array_equal(a.labels.array, c.labels.array)
-    assert a.params["seed"] == 3 and set(a.params["levels"]) == set(LUMBAR)
+    assert a.params["seed"] == 3 and set(a.params["levels"]) == set(LEVELS)
 
 
 def test_spine_phantom_wedge_is_measured(spine) -> None:

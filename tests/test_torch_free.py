@@ -8,14 +8,28 @@ import sys
 from pathlib import Path
 
 SCRIPT = """
+import importlib.abc
 import sys
-for name in ("torch", "monai", "onnxruntime", "safetensors"):
-    sys.modules[name] = None  # an import of any of them now raises ImportError
+
+BLOCKED = {"torch", "monai", "onnxruntime", "safetensors"}
+
+
+# An import of any BLOCKED package raises, as if it were not installed (not
+# sys.modules[name] = None: SciPy looks torch up in sys.modules and fails on None).
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, Block())
 from mskmri.cli import main
 out = sys.argv[1]
-assert main(["-q", "demo", "--out", out]) == 0
-assert main(["-q", "measure", "knee", out + "/labels.nii.gz", "--json", out + "/m.json"]) == 0
-assert main(["-q", "evaluate", out + "/labels.nii.gz", out + "/labels.nii.gz",
+assert main(["-q", "demo", "--out", out, "--cohort-size", "4", "--workers", "1"]) == 0
+truth = out + "/inputs/knee/truth.nii.gz"  # the demo's phantom knee truth
+assert main(["-q", "measure", "knee", truth, "--json", out + "/m.json"]) == 0
+assert main(["-q", "evaluate", truth, truth,
              "--schema", "knee", "--json", out + "/e.json"]) == 0
 assert "torch" not in {m for m, v in sys.modules.items() if v is not None}
 """

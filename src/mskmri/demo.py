@@ -340,9 +340,9 @@ def _build(out: Path, *, seed: int, cohort_size: int, workers: int,
                 notes.append(f"Spine (shipped model): {len(sres.warnings)} warning(s) in its "
                              f"report, e.g. {sres.warnings[0]}")
         except (MskMriError, ImportError) as exc:  # no body found, no weights, no torch
-            notes.append(f"Spine: the shipped spine model could not segment the phantom "
-                         f"({exc}); the report shows the phantom's TRUTH labels passed with "
-                         "--seg, not a segmentation.")
+            notes.append(f"Spine: the shipped spine model gave no segmentation of the "
+                         f"phantom ({exc}); the spine report shows the phantom's TRUTH labels "
+                         "passed with --seg, not a segmentation.")
             analyze_spine(spine_image, out / SPINE_DIR, seg_path=spine_truth,
                           command=f"mskmri analyze spine {spine_image} --out {out / SPINE_DIR}"
                                   f" --seg {spine_truth}")

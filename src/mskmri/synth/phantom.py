@@ -171,13 +171,16 @@ def phantom_knee(
 
 # ============================================================================ spine
 #: Default spine phantom grid: 20 sagittal slices of 3 mm (x, left -> right), 200 mm
-#: posterior -> anterior (y) and 240 mm inferior -> superior (z) at 1 mm: a RAS grid.
-SPINE_PHANTOM_SHAPE = (20, 200, 240)
+#: posterior -> anterior (y) and 256 mm inferior -> superior (z) at 1 mm: a RAS grid.
+SPINE_PHANTOM_SHAPE = (20, 200, 256)
 SPINE_PHANTOM_SPACING = (3.0, 1.0, 1.0)
 #: Levels of the spine phantom, top first; the sacrum follows the last one.
-SPINE_PHANTOM_LEVELS: tuple[str, ...] = ("L1", "L2", "L3", "L4", "L5")
+SPINE_PHANTOM_LEVELS: tuple[str, ...] = ("T12", "L1", "L2", "L3", "L4", "L5")
 #: Vertebral body size (mm): height (S-I), depth (A-P), width (L-R), before the per-seed jitter.
 SPINE_BODY_MM = (26.0, 34.0, 44.0)
+#: The top body runs this far (mm) out of the field of view, as in a lumbar scan that shows
+#: the lower part of T12.
+SPINE_TOP_CUT_MM = 8.0
 #: Disc height (mm) between two bodies.
 SPINE_DISC_MM = 9.0
 #: Cortical shell of the bodies (mm), drawn dark.
@@ -252,7 +255,7 @@ def phantom_spine(
         Grid shape: axis 0 = x (sagittal slices, left -> right), 1 = y (posterior ->
         anterior), 2 = z (inferior -> superior).
     spacing : 3 floats
-        Voxel size in mm; the field of view must hold the levels (about 240 mm S-I).
+        Voxel size in mm; the field of view must hold the levels (about 250 mm S-I).
     levels : sequence of str
         Vertebrae drawn, top first (e.g. ``("T12", "L1", ..., "L5")``).
     wedge : mapping of str to float, optional
@@ -289,7 +292,7 @@ def phantom_spine(
     # column: bodies' centre line y_c(z), from the sacrum (bottom) up; middle lumbar forward
     n = len(levels)
     pitch = body_h + disc_h
-    z_top = fov[2] - 0.5 * pitch + float(rng.uniform(-4.0, 4.0))
+    z_top = fov[2] + SPINE_TOP_CUT_MM - 0.5 * body_h + float(rng.uniform(-3.0, 3.0))
     z_centres = [z_top - i * pitch for i in range(n)]
     z_sacrum = z_centres[-1] - 0.5 * body_h - disc_h
     y_post0 = fov[1] * 0.42  # posterior body wall at the ends of the curve
