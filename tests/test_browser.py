@@ -136,8 +136,16 @@ def reports(tmp_path_factory: pytest.TempPathFactory, chromium: str) -> dict[str
     assert main(["-q", "analyze", "knee", str(knee["image"]), "--out", str(out["knee"]),
                  "--seg", str(knee["seg"]), "--lesions", str(knee["lesions"])]) == 0
     assert main(["-q", "analyze", "spine", str(spine["image"]), "--out", str(out["spine"]),
-                 "--seg", str(spine["seg"])]) == 0
+                 "--seg", str(spine["seg"]), "--pdf"]) == 0
     return out
+
+
+def test_analyze_pdf_is_written_and_recorded(reports: dict[str, Path]) -> None:
+    pdf = reports["spine"] / "report.pdf"
+    assert pdf.read_bytes().startswith(b"%PDF-")
+    manifest = json.loads((reports["spine"] / "analysis.json").read_text(encoding="utf-8"))
+    assert manifest["outputs"]["report.pdf"]["bytes"] == pdf.stat().st_size
+    assert not (reports["knee"] / "report.pdf").exists()  # only when asked
 
 
 def _run(chromium: str, profile: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -15,8 +15,10 @@ does, in order:
    (:mod:`mskmri.report.views`);
 5. write the report (:mod:`mskmri.report.html`).
 
-Everything is written into a temporary folder beside ``DIR`` that is renamed to ``DIR`` only
-when complete. ``DIR`` then holds:
+``DIR`` must not exist, unless ``--overwrite`` is given (:func:`check_out_dir`: then an
+earlier analysis or an empty folder is replaced, nothing else). Everything is written into a
+temporary folder beside ``DIR`` that is renamed to ``DIR`` only when complete. ``DIR`` then
+holds:
 
 =========================  ===========================================================
 ``segmentation.nii.gz``    knee label map in the image's geometry (+ ``segmentation.json``)
@@ -24,15 +26,23 @@ when complete. ``DIR`` then holds:
 ``measurements.json``      ``mskmri/measurements/1`` (warnings included)
 ``meshes/<name>.stl|ply``  one surface per structure, LPS mm (3D Slicer's convention)
 ``views/<view>.png``       anterior, lateral, medial renders of the reconstruction
-``report.html``            self-contained report: overlays, 3-D views, measurements, warnings
+``report.html``            self-contained report: warnings, study (no patient identifiers
+                           unless ``--include-phi``), quality checks, overlays, 3-D views,
+                           measurements, lesion table, what was not measured, methods and
+                           models, provenance with input checksums
+``report.pdf``             the same report printed by headless Chromium (``--pdf`` only)
 ``manifest.json``          ``mskmri/manifest/1``, kind ``analysis``: command, options,
-                           versions, timings, size and SHA-256 of every output
+                           versions, timings, input checksums, size and SHA-256 of every
+                           output
 =========================  ===========================================================
 
 Bad input gives a :class:`~mskmri.errors.MskMriError` (exit 2 on the command line) and leaves
 nothing behind: a 2-D image, a label map with values outside the knee schema, a label map or
 lesion mask on another grid. Doubtful input that can still be measured (no femur or tibia,
-plates that cannot be measured) gives warnings in ``measurements.json`` and in the report.
+plates that cannot be measured) gives warnings in ``measurements.json`` and in the report,
+as do the quality checks (:mod:`mskmri.report.qc`). :func:`report_context`,
+:func:`check_out_dir`, :func:`qc_figures` and :func:`write_pdf` are shared with
+``analyze spine``.
 """
 
 from __future__ import annotations

@@ -4,12 +4,16 @@ Steps: read the image; segment the vertebral bodies (:func:`mskmri.segment.spine
 unless a label map is given with ``--seg``; measure it with
 :func:`mskmri.measure.spine.analyse_spine` (the ``mskmri/measurements/1`` contract); write
 ``segmentation.nii.gz`` (+ sidecar), ``measurements.json``, ``spine_measurements.png`` (the
-measurements drawn on the image), ``report.html`` (overlays, drawing, table, warnings) and
-``analysis.json`` (command, versions, timings, files with sha256). DIR is written atomically:
-everything goes to a temporary folder that is renamed to DIR at the end, so a failure leaves
-no partial output (and a previous analysis in DIR stays as it was).
+measurements drawn on the image), ``report.html`` (warnings, study without patient
+identifiers unless ``--include-phi``, quality checks, drawing, overlays, 3-D views, table,
+what was not measured, methods and models, provenance), ``report.pdf`` with ``--pdf``, and
+``analysis.json`` (command, versions, timings, input checksums, files with sha256). DIR must
+not exist unless ``--overwrite`` (:func:`mskmri.analyze.check_out_dir`). DIR is written
+atomically: everything goes to a temporary folder that is renamed to DIR at the end, so a
+failure leaves no partial output (and a previous analysis in DIR stays as it was).
 
-Fracture grades are not made yet (the grading issue); the report says so.
+Measurement families the analysis cannot make (no cord, no discs, no fracture grade) are
+listed in the report as not measured, with the reason (:func:`spine_not_measured`).
 """
 
 from __future__ import annotations
