@@ -667,7 +667,7 @@ def analyze_knee(
             write_report(
                 tmp / REPORT_FILE,
                 title="mskmri knee analysis",
-                subtitle=f"{image.meta.get('source', image_path)}",
+                subtitle=Path(str(image.meta.get("source", image_path))).name,
                 image=image, segmentation=seg, measurements=document["measurements"],
                 figures=figures, warnings=warnings, sections=sections,
                 provenance={"command": command or f"analyze_knee({str(image_path)!r})",
