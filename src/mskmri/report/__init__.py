@@ -4,6 +4,10 @@
 - :mod:`mskmri.report.html`: :func:`render_report` / :func:`write_report`,
   :class:`ReportSection` and :class:`ReportTable` for further sections.
 - :mod:`mskmri.report.colours`: one stable colour per label value and schema.
+- :mod:`mskmri.report.study`: the study table (patient identifiers only when asked) and
+  input checksums; :mod:`mskmri.report.qc`: the quality checks (orientation, anisotropy,
+  contrast, segmenter confidence); :mod:`mskmri.report.pdf`: ``report.pdf`` by headless
+  Chromium.
 
 matplotlib and Jinja2 are imported only when a figure or a report is made.
 """
