@@ -197,3 +197,22 @@ def test_manifest_defaults(tmp_path: Path) -> None:
     assert studies[0].path == tmp_path.resolve() / "scans" / "K01.nii.gz"
     assert studies[1].path == Path("/abs/dicom_folder")
     assert studies[0].extra == {"age": "61"} and studies[0].anatomy == "knee"
+
+
+def test_spine_study_and_resume(scheduler, tmp_path: Path) -> None:
+    """A spine study (phantom with its truth as seg): measured, reported, skipped on resume."""
+    from mskmri.synth.phantom import phantom_spine
+
+    ph = phantom_spine(seed=1, wedge={"L3": 0.75})
+    write(ph.image, tmp_path / "spine.nii.gz")
+    write(ph.labels, tmp_path / "spine_seg.nii.gz")
+    (tmp_path / "m.csv").write_text("id,path,group,seg\nsp1,spine.nii.gz,a,spine_seg.nii.gz\n")
+    res = run_cohort(tmp_path / "m.csv", tmp_path / "out", anatomy="spine", scheduler=scheduler)
+    assert res.exit_status == 0 and res.outcomes["sp1"].status == "ok"
+    assert (res.out_dir / res.outcomes["sp1"].report).is_file()
+    row = _csv(res.table_csv)[0]
+    assert row["anatomy"] == "spine" and 0.7 < float(row["wedge_ratio.L3 [1]"]) < 0.9
+    again = run_cohort(tmp_path / "m.csv", tmp_path / "out", anatomy="spine",
+                       scheduler=scheduler)
+    assert again.outcomes["sp1"].status == "skipped"
+    assert _csv(again.table_csv) == [row]
