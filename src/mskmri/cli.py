@@ -7,7 +7,9 @@ testable in-process and returns the exit status:
 - 0 on success;
 - 2 for bad input or options: one line on stderr saying what was wrong and what to do, no
   traceback, nothing half-written (outputs are written atomically);
-- 1 for anything unexpected (a bug): the traceback is kept.
+- 1 for anything unexpected (a bug): the traceback is kept;
+- 3 from ``cohort`` when some studies failed (the others were analysed; see its
+  ``failures.csv``).
 """
 
 from __future__ import annotations
