@@ -691,6 +691,13 @@ def run_cohort(
     ------
     CohortError
         A bad manifest, an ``out_dir`` that is not a cohort folder, no scheduler.
+
+    Notes
+    -----
+    The local cluster starts its workers by spawning new Python processes, which import the
+    caller's main module again: a script that calls this function must do so under
+    ``if __name__ == "__main__":``. Every input file is hashed once per run (in the
+    workers) to decide what is complete.
     """
     from mskmri import __version__, _progress
     from mskmri._provenance import versions
