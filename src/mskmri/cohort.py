@@ -68,6 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from mskmri._provenance import file_record
 from mskmri.errors import MskMriError
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,6 @@ FAILURE_COLUMNS: Final = ("id", "path", "group", "anatomy", "error", "reason")
 DEFAULT_WORKERS: Final = 2
 #: Reasons are cut to this many characters (one line in the CSV and the index).
 MAX_REASON_CHARS: Final = 300
-#: Bytes read at a time when hashing inputs.
-_CHUNK: Final = 1 << 20
 
 _ID_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -237,7 +236,8 @@ def read_cohort_manifest(path: str | os.PathLike[str], *,
 
 # ============================================================================ checksums
 def path_checksum(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file, or of a folder's files (relative names and contents, sorted).
+    """SHA-256 of a file's contents, or of a folder's files (relative names and contents,
+    in sorted order: a DICOM series renamed or re-sorted inside its folder changes it).
 
     Raises
     ------
@@ -245,15 +245,14 @@ def path_checksum(path: str | os.PathLike[str]) -> str:
         The path does not exist.
     """
     p = Path(path)
-    digest = hashlib.sha256()
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
     if not p.exists():
         raise FileNotFoundError(2, "no such file or folder", str(p))
-    for f in files:
-        digest.update(str(f.relative_to(p) if f != p else f.name).encode() + b"\0")
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(_CHUNK), b""):
-                digest.update(chunk)
+    if p.is_file():
+        return str(file_record(p)["sha256"])
+    digest = hashlib.sha256()
+    for f in sorted(f for f in p.rglob("*") if f.is_file()):
+        digest.update(f.relative_to(p).as_posix().encode() + b"\0")
+        digest.update(bytes.fromhex(str(file_record(f)["sha256"])))
     return digest.hexdigest()
 
 
@@ -269,11 +268,7 @@ def study_checksum(study: Study, options: Mapping[str, Any]) -> str:
 
 
 def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return str(file_record(path)["sha256"])
 
 
 # ============================================================================ one study
