@@ -28,10 +28,17 @@ Method (HealthiVert-GAN, arXiv 2503.05990; METHODS.md section 4), made on MRI la
    of lines along the body's own S-I axis). The paper counts heights per column over the
    central slab; here the project's height definition is used so that RHLV and the reported
    heights agree.
-4. **Genant grade** by a linear SVM on the three RHLVs (:class:`GenantSvm`, coefficients
-   shipped as JSON in :mod:`mskmri.weights`, trained by ``benchmarks/vertebra_grading.py`` on
-   fractures rendered into real label maps, :func:`render_fracture`). TotalSegmentator's rule
-   (min/max of the observed heights < :data:`RULE_MIN_MAX_RATIO`) is reported beside it.
+4. **Genant grade** by a linear SVM on the three RHLVs (:class:`GenantSvm`: scikit-learn's
+   one-vs-one linear ``SVC``, applied with numpy from coefficients shipped as JSON in
+   :mod:`mskmri.weights`; fitted by ``benchmarks/vertebra_grading.py`` on fractures rendered
+   into real label maps of exams the painter never saw, :func:`render_fracture`, with each
+   grade weighted by its share among the HealthiVert-GAN VerSe vertebrae). TotalSegmentator's
+   rule (min/max of the observed heights < :data:`RULE_MIN_MAX_RATIO`) is recorded beside it.
+
+Resolution: the section is painted on the crop grid (~1.1 mm for lumbar levels) and heights
+are measured on a grid :data:`MEASURE_UPSAMPLE` times finer; a pixel of the crop is still ~4%
+of a lumbar body's height, close to the width of Genant's grade-1 band (20-25%), so grade 1 is
+the least reliable (see the benchmark).
 
 A vertebra without a neighbour directly above and below gets its four entries with value NaN
 and a ``reason``; nothing is guessed.
@@ -87,6 +94,10 @@ SECTION_POSITION: Mapping[str, float] = MappingProxyType(
 MAX_NEIGHBOUR_GAP = 4.0
 #: Fracture shapes of :func:`render_fracture`.
 FRACTURE_SHAPES: tuple[str, str, str] = ("wedge", "biconcave", "crush")
+#: Default SVM regularisation C. RHLVs are fractions and Genant's grade-1 band is 0.05 wide, so
+#: a margin of 1 needs weights of ~40: C = 1 under-fits (0.85 vs 0.95 training accuracy on
+#: the synthetic check in tests/test_grading.py). The benchmark picks C by cross-validation.
+SVM_C = 100.0
 #: Shipped SVM coefficients (JSON, in :mod:`mskmri.weights`).
 SVM_FILE = "vertebra-grading-svm.json"
 #: Schema of the SVM JSON.
@@ -443,15 +454,23 @@ def rule_fractured(observed: Mapping[str, float]) -> bool | None:
 # ============================================================================ classifier
 @dataclass(frozen=True)
 class GenantSvm:
-    """A linear one-vs-rest SVM on the three RHLVs, applied with numpy.
+    """A multi-class linear SVM on the three RHLVs, applied with numpy.
+
+    Two schemes: ``"ovo"`` (one-vs-one, scikit-learn's ``SVC(kernel="linear")``, what
+    :meth:`fit` makes: one boundary per pair of grades, so a middle grade is a band between
+    two boundaries) and ``"ovr"`` (one-vs-rest, one row per grade, argmax). One-vs-rest was
+    tried first: a middle grade (1, 2) cannot be cut out of a monotone height loss by one
+    linear boundary against all others, and grades 1-2 were mostly lost.
 
     Attributes
     ----------
-    coef : (4, 3) ndarray
-        One row per class, columns in :data:`SECTIONS` order.
-    intercept : (4,) ndarray
+    coef : (K, 3) ndarray
+        ``"ovr"``: one row per class; ``"ovo"``: one row per pair in :attr:`pairs` order.
+        Columns in :data:`SECTIONS` order.
+    intercept : (K,) ndarray
     classes : tuple of int
-        Genant grades of the rows.
+        Genant grades.
+    scheme : {"ovo", "ovr"}
     info : dict
         How it was trained (recorded in the JSON).
     """
@@ -459,36 +478,94 @@ class GenantSvm:
     coef: np.ndarray
     intercept: np.ndarray
     classes: tuple[int, ...]
+    scheme: str = "ovr"
     info: Mapping[str, Any] = field(default_factory=dict)
 
-    @classmethod
-    def fit(cls, features: np.ndarray, grades: np.ndarray, *, c: float = 1.0, seed: int = 0,
-            info: Mapping[str, Any] | None = None) -> GenantSvm:
-        """Fit scikit-learn's ``LinearSVC`` (class-balanced) on ``(N, 3)`` RHLVs."""
-        from sklearn.svm import LinearSVC
+    def __post_init__(self) -> None:
+        n = len(self.classes)
+        rows = n * (n - 1) // 2 if self.scheme == "ovo" else n
+        if self.scheme not in ("ovo", "ovr"):
+            raise GradingError(f"SVM scheme must be 'ovo' or 'ovr', not {self.scheme!r}")
+        if self.coef.shape != (rows, len(SECTIONS)) or self.intercept.shape != (rows,):
+            raise GradingError(f"SVM coef {self.coef.shape} / intercept {self.intercept.shape} "
+                               f"do not fit {n} classes ({self.scheme}) x {len(SECTIONS)} "
+                               "features")
 
-        svm = LinearSVC(C=c, class_weight="balanced", random_state=seed, max_iter=20000)
-        svm.fit(np.asarray(features, float), np.asarray(grades, int))
-        coef = np.atleast_2d(svm.coef_)
-        if coef.shape[0] != len(svm.classes_):
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        """Class-index pairs of the ``"ovo"`` rows (scikit-learn's order: (0, 1), (0, 2), ...)."""
+        n = len(self.classes)
+        return [(i, j) for i in range(n) for j in range(i + 1, n)]
+
+    @classmethod
+    def fit(cls, features: np.ndarray, grades: np.ndarray, *, c: float = SVM_C, seed: int = 0,
+            class_weight: Mapping[int, float] | str = "balanced",
+            info: Mapping[str, Any] | None = None) -> GenantSvm:
+        """Fit scikit-learn's linear ``SVC`` (one-vs-one) on ``(N, 3)`` RHLVs.
+
+        Parameters
+        ----------
+        features : (N, 3) ndarray
+            RHLVs in :data:`SECTIONS` order.
+        grades : (N,) int ndarray
+        c : float
+            Regularisation.
+        seed : int
+        class_weight : "balanced" or mapping of grade to weight
+            ``"balanced"`` weighs every grade equally; a mapping can put a population's grade
+            proportions in (e.g. the HealthiVert-GAN VerSe proportions, mostly grade 0).
+        info : mapping, optional
+            Recorded in :attr:`info`.
+
+        The numpy prediction is checked against scikit-learn's on the training data.
+        """
+        from sklearn.svm import SVC
+
+        x, y = np.asarray(features, float), np.asarray(grades, int)
+        weights: Any = class_weight if isinstance(class_weight, str) else {
+            int(k): float(v) for k, v in class_weight.items()}
+        svm = SVC(kernel="linear", C=c, class_weight=weights, decision_function_shape="ovo",
+                  random_state=seed)
+        svm.fit(x, y)
+        if len(svm.classes_) < 3:
             raise GradingError("the SVM needs at least three grades in its training data")
-        return cls(coef, np.asarray(svm.intercept_, float),
-                   tuple(int(g) for g in svm.classes_),
-                   {"C": c, "seed": seed, "class_weight": "balanced", **(info or {})})
+        out = cls(np.atleast_2d(svm.coef_), np.asarray(svm.intercept_, float),
+                  tuple(int(g) for g in svm.classes_), "ovo",
+                  {"C": c, "seed": seed, "class_weight": weights,
+                   "estimator": "sklearn.svm.SVC(kernel='linear', decision_function_shape='ovo')",
+                   **(info or {})})
+        agree = float(np.mean(out.predict(x) == svm.predict(x)))
+        if agree < 0.999:
+            raise GradingError(f"numpy and scikit-learn SVM predictions agree on only "
+                               f"{100 * agree:.1f}% of the training data; this is a bug")
+        return out
 
     def decision(self, features: np.ndarray) -> np.ndarray:
-        """``(N, n_classes)`` decision values of ``(N, 3)`` features."""
+        """``(N, K)`` decision values of ``(N, 3)`` features (rows of :attr:`coef`)."""
         return np.atleast_2d(np.asarray(features, float)) @ self.coef.T + self.intercept
 
     def predict(self, features: np.ndarray) -> np.ndarray:
-        """Genant grades ``(N,)`` of ``(N, 3)`` RHLV features (anterior, middle, posterior)."""
-        return np.asarray(self.classes)[np.argmax(self.decision(features), axis=1)]
+        """Genant grades ``(N,)`` of ``(N, 3)`` RHLV features (anterior, middle, posterior).
+
+        ``"ovo"``: each pair votes (decision > 0 for its first class, as libsvm does); most
+        votes wins, ties to the lower grade. ``"ovr"``: argmax.
+        """
+        dec = self.decision(features)
+        if self.scheme == "ovr":
+            return np.asarray(self.classes)[np.argmax(dec, axis=1)]
+        votes = np.zeros((dec.shape[0], len(self.classes)), int)
+        for k, (i, j) in enumerate(self.pairs):
+            first = dec[:, k] > 0
+            votes[first, i] += 1
+            votes[~first, j] += 1
+        return np.asarray(self.classes)[np.argmax(votes, axis=1)]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
         return {"schema": SVM_SCHEMA, "features": [f"rhlv_{s}" for s in SECTIONS],
-                "classes": list(self.classes), "coef": self.coef.tolist(),
-                "intercept": self.intercept.tolist(), "info": dict(self.info)}
+                "classes": list(self.classes), "scheme": self.scheme,
+                "coef": self.coef.tolist(), "intercept": self.intercept.tolist(),
+                "info": dict(self.info)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "SVM file") -> GenantSvm:
@@ -496,13 +573,13 @@ class GenantSvm:
         if data.get("schema") != SVM_SCHEMA:
             raise GradingError(f"{source} has schema {data.get('schema')!r}, expected "
                                f"{SVM_SCHEMA!r}; re-run benchmarks/vertebra_grading.py")
-        coef = np.asarray(data["coef"], float)
-        intercept = np.asarray(data["intercept"], float)
-        classes = tuple(int(c) for c in data["classes"])
-        if coef.shape != (len(classes), len(SECTIONS)) or intercept.shape != (len(classes),):
-            raise GradingError(f"{source}: coef {coef.shape} / intercept {intercept.shape} do "
-                               f"not fit {len(classes)} classes x {len(SECTIONS)} features")
-        return cls(coef, intercept, classes, dict(data.get("info", {})))
+        try:
+            return cls(np.asarray(data["coef"], float), np.asarray(data["intercept"], float),
+                       tuple(int(c) for c in data["classes"]), str(data.get("scheme", "ovr")),
+                       dict(data.get("info", {})))
+        except KeyError as exc:
+            raise GradingError(f"{source} lacks {exc}; re-run benchmarks/vertebra_grading.py")\
+                from exc
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> GenantSvm:

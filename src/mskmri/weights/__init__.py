@@ -98,6 +98,15 @@ MODELS["spine-seg"] = ModelEntry(
     "2-D U-Net: vertebral bodies and sacrum (S1) on sagittal spine MRI, T1/T2 (real "
     "MyoSegmenTUM + Chu exams; CPU training, 1800 steps)")
 
+MODELS["vertebra-inpaint"] = ModelEntry(
+    "vertebra-inpaint.safetensors", "vertebra-inpaint",
+    "2-D FFC painter of a vertebral body's pseudo-healthy shape from its neighbours (fracture "
+    "grading: RHLV, Genant grade; real spine label maps; 1100 CPU steps)",
+    caveat=("the shipped vertebra painter and grading SVM are first small models checked only "
+            "on fractures rendered into 26 held-out real lumbar vertebrae (no real fractured "
+            "MRI was available): Genant macro-F1 0.61 there, grade 1 F1 0.29 "
+            "(benchmarks/results/vertebra_grading.json); treat Genant grades as unvalidated"))
+
 def model_caveat(name: str) -> str | None:
     """The caveat of shipped model ``name`` (None when it has none or is not shipped)."""
     entry = MODELS.get(name)
