@@ -238,3 +238,22 @@ def test_real_intact_lumbar_vertebrae_are_not_graded_as_fractures(shared_data: P
     broken = render_fracture(sec, "crush", 0.5)
     vg = grade_section(sec, InterpolationPainter(), diagonal_svm(), observed_mask=broken)
     assert vg.grade == 3 and vg.rule_fractured is False  # a crush keeps min/max near 1
+
+
+def test_cli_grade_writes_the_measurement_document(tmp_path: Path) -> None:
+    import json
+
+    from mskmri.cli import main
+    from mskmri.io import write
+
+    seg = phantom(heights={"L3": BODY_H * 0.55})
+    write(seg, tmp_path / "seg.nii.gz")
+    out = tmp_path / "grades.json"
+    assert main(["-q", "grade", str(tmp_path / "seg.nii.gz"), "--json", str(out),
+                 "--painter", "interpolation"]) == 0
+    doc = json.loads(out.read_text())
+    grades = {m["structure"]: m for m in doc["measurements"] if m["name"] == "genant_grade"}
+    assert set(grades) == {"L1", "L2", "L3", "L4", "L5"}
+    assert grades["L3"]["value"] >= 2 and grades["L2"]["value"] == 0
+    assert grades["L1"]["value"] is None and "above" in grades["L1"]["reason"]
+    assert any("fitted on the network" in w for w in doc["warnings"])

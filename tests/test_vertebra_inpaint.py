@@ -72,3 +72,20 @@ def test_grade_spine_without_weights_reports_the_reason(tmp_path: Path) -> None:
     grades = [m for m in res.measurements if m.name == "genant_grade"]
     assert len(grades) == 5 and all(math.isnan(m.value) for m in grades)
     assert "could not be loaded" in grades[0].extra["reason"]
+
+
+def test_cli_grade_with_the_shipped_painter(tmp_path: Path) -> None:
+    import json
+
+    from mskmri.cli import main
+    from mskmri.io import write
+
+    write(phantom(heights={"L3": BODY_H * 0.5}), tmp_path / "seg.nii.gz")
+    out = tmp_path / "g.json"
+    assert main(["-q", "grade", str(tmp_path / "seg.nii.gz"), "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    got = {(m["name"], m["structure"]): m["value"] for m in doc["measurements"]}
+    assert got[("genant_grade", "L3")] == 3 and got[("genant_grade", "L2")] == 0
+    assert got[("rhlv_middle", "L3")] == pytest.approx(0.5, abs=0.08)
+    assert doc["input"]["painter"] == "the vertebra-inpaint network"
+    assert any("unvalidated" in w for w in doc["warnings"])  # the shipped model's caveat

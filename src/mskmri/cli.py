@@ -621,6 +621,48 @@ def _run_cohort(args: argparse.Namespace) -> int:
     return res.exit_status
 
 
+# ==== grade (vertebral fracture grades)
+def _add_grade(sub: Any) -> None:
+    p = sub.add_parser("grade", help="vertebral fracture grades from a spine label map: "
+                       "pseudo-healthy heights, RHLV per section, Genant 0-3 (JSON)")
+    p.add_argument("seg", metavar="SEG", help="spine label map (VerSe or ordinal ids; 3-D or "
+                   "a sagittal slice)")
+    p.add_argument("--json", dest="json_out", metavar="OUT", required=True,
+                   help="output mskmri/measurements/1 JSON (written atomically)")
+    p.add_argument("--painter", choices=("network", "interpolation"), default="network",
+                   help="pseudo-healthy shape from the shipped network (default) or the "
+                        "model-free interpolation of the neighbours")
+    p.add_argument("--model", default="vertebra-inpaint", help="painter network name or "
+                   "*.safetensors (default vertebra-inpaint)")
+    p.add_argument("--svm", metavar="JSON", help="SVM coefficients (default: the shipped ones)")
+    p.add_argument("--device", default="cpu", help="torch device of the painter")
+    p.set_defaults(run=_run_grade)
+
+
+def _run_grade(args: argparse.Namespace) -> int:
+    """``mskmri grade SEG --json OUT``."""
+    from mskmri.measure import write_measurements
+    from mskmri.measure.grading import GenantSvm, InterpolationPainter, grading_document
+
+    warnings: list[str] = []
+    painter: Any
+    if args.painter == "network":
+        from mskmri.anomaly.vertebra_inpaint import network_painter
+
+        painter = network_painter(args.model, device=args.device)
+        warnings += painter.caveats
+    else:
+        painter = InterpolationPainter()
+        if not args.svm:
+            warnings.append("the shipped SVM was fitted on the network painter's RHLVs; with "
+                            "--painter interpolation its grades are less reliable")
+    doc = grading_document(args.seg, painter=painter, classifier=GenantSvm.load(args.svm),
+                           warnings=warnings)
+    write_measurements(args.json_out, doc)
+    log.info("wrote %d measurements to %s", len(doc["measurements"]), args.json_out)
+    return EXIT_OK
+
+
 # ============================================================================ registry
 #: (adder) for every subcommand, in help order. Add new commands here.
 _COMMANDS: list[Callable[[Any], None]] = [
@@ -636,6 +678,7 @@ _COMMANDS: list[Callable[[Any], None]] = [
     _add_analyze,
     _add_detect,
     _add_cohort,
+    _add_grade,
 ]
 
 

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -828,12 +828,40 @@ def grade_measurements(vg: VertebraGrade, painter: str = "") -> list[Measurement
     return out
 
 
+def grading_document(seg_path: str | Path, *, painter: Painter | None = None,
+                     classifier: GenantSvm | None = None,
+                     warnings: Sequence[str] = ()) -> dict[str, Any]:
+    """Read a spine label map, grade it and return the ``mskmri/measurements/1`` document.
+
+    Parameters
+    ----------
+    seg_path : path
+        Spine label map (any format :func:`mskmri.io.read_labels` accepts).
+    painter, classifier
+        As :func:`grade_vertebrae`.
+    warnings : sequence of str
+        Carried into the document first (e.g. the painter's caveat).
+    """
+    from mskmri import __version__
+    from mskmri.io import read_labels
+    from mskmri.measure.base import describe_input, measurements_document
+
+    seg = read_labels(seg_path, schema="spine", strict=False)
+    res = grade_vertebrae(seg, painter=painter, classifier=classifier)
+    info: dict[str, Any] = describe_input(seg, Path(seg_path))
+    info["anatomy"] = "spine"
+    info["painter"] = res.painter
+    return measurements_document(res.measurements, input_info=info, tool_version=__version__,
+                                 warnings=[*warnings, *res.warnings])
+
+
 __all__ = [
     "CROP_SHAPE", "FRACTURE_SHAPES", "GENANT_THRESHOLDS", "LEVEL_PX", "MEASURE_UPSAMPLE",
     "RULE_MIN_MAX_RATIO",
     "SECTIONS", "GenantSvm", "GradingError", "GradingResult", "InterpolationPainter", "Section",
     "VertebraGrade", "body_centroids", "extract_section", "fracture_profile", "genant_from_loss",
-    "grade_measurements", "grade_section", "grade_vertebrae", "hole_mask", "neighbours",
+    "grade_measurements", "grade_section", "grade_vertebrae", "grading_document", "hole_mask",
+    "neighbours",
     "pseudo_healthy", "render_fracture", "rhlv", "rule_fractured", "section_heights",
     "section_volume",
 ]
