@@ -534,23 +534,57 @@ def _run_analyze(args: argparse.Namespace) -> int:
     return _ANALYZE_RUNNERS[args.anatomy](args)
 
 
+# ==== cord-hyperintensity
+def _add_detect_cord_options(p: argparse.ArgumentParser) -> None:
+    """Options of ``mskmri detect cord-hyperintensity`` (ignored by ``detect bml``)."""
+    from mskmri.anomaly.mae import ADAPT_STEPS
+
+    p.add_argument("--adapt-steps", type=int, default=ADAPT_STEPS, metavar="N",
+                   help="cord-hyperintensity: uncertainty-guided test-time adaptation steps "
+                   f"(default {ADAPT_STEPS}; 0 = none)")
+    p.add_argument("--anomaly", metavar="OUT", help="cord-hyperintensity: write the anomaly "
+                   "map |image - mean reconstruction| (eroded cord) here")
+    p.add_argument("--seed", type=int, default=0, help="cord-hyperintensity: seed of the random "
+                   "maskings (default 0)")
+
+
+def _run_detect_cord(args: argparse.Namespace) -> int:
+    """``mskmri detect cord-hyperintensity IMAGE OUT``: mask, OUT.cord.json, optional maps."""
+    from mskmri.anomaly.mae import DEFAULT_MODEL, detect_cord_hyperintensity_file
+
+    res = detect_cord_hyperintensity_file(
+        args.image, args.out, seg_path=args.seg, uncertainty_path=args.uncertainty,
+        anomaly_path=args.anomaly, table_path=args.table, model=args.model or DEFAULT_MODEL,
+        threshold=args.threshold, adapt_steps=args.adapt_steps, seed=args.seed,
+        device=args.device)
+    log.info("wrote %s (%s): patient %s; positive levels: %s", args.out, res.record["ran_on"],
+             "positive" if res.patient["positive"] else "negative",
+             ", ".join(res.patient["positive_segments"]) or "none")
+    return EXIT_OK
+
+
 # ==== detect bml
 def _add_detect(sub: Any) -> None:
     p = sub.add_parser("detect", help="detect lesions: bml = femoral bone marrow lesions by "
-                       "masked inpainting (binary mask on IMAGE's grid + per-lesion table)")
-    p.add_argument("target", choices=["bml"], help="what to detect")
-    p.add_argument("image", metavar="IMAGE", help="3-D knee MRI (sagittal fluid-sensitive "
-                   "fat-suppressed is best)")
+                       "masked inpainting (binary mask on IMAGE's grid + per-lesion table); "
+                       "cord-hyperintensity = spinal cord T2 hyperintensity (U2AD)")
+    p.add_argument("target", choices=["bml", "cord-hyperintensity"], help="what to detect")
+    p.add_argument("image", metavar="IMAGE", help="bml: 3-D knee MRI (sagittal fluid-sensitive "
+                   "fat-suppressed is best); cord-hyperintensity: sagittal T2 spine MRI (3-D "
+                   "or one 2-D slice)")
     p.add_argument("out", metavar="OUT", help="lesion mask (.nii.gz, ...) on IMAGE's grid; "
-                   "OUT's sidecar and OUT.bml.json (record, warnings, lesions) beside it")
-    p.add_argument("--seg", metavar="SEG", help="knee label map on IMAGE's grid (femur = 1); "
-                   "default: segment the knee with the shipped knee model")
+                   "OUT's sidecar and OUT.bml.json (record, warnings, lesions) beside it "
+                   "(cord-hyperintensity: OUT.cord.json with the per-level table)")
+    p.add_argument("--seg", metavar="SEG", help="label map on IMAGE's grid (bml: knee, femur "
+                   "= 1; cord-hyperintensity: spine, cord 201, CSF 202); default: segment with "
+                   "the shipped model")
     p.add_argument("--method", choices=["inpaint", "mkd"], default="inpaint",
                    help="detector (mkd: multiresolution knowledge distillation baseline, "
                    "teacher = our MRI-pretrained encoder, not ImageNet VGG-16)")
     p.add_argument("--uncertainty", metavar="OUT", help="write the Monte-Carlo spread of the "
-                   "paintings here")
-    p.add_argument("--table", metavar="PATH", help="per-lesion table (.csv or .json)")
+                   "paintings (cord-hyperintensity: of the reconstructions) here")
+    p.add_argument("--table", metavar="PATH", help="per-lesion (bml) or per-level "
+                   "(cord-hyperintensity) table (.csv or .json)")
     p.add_argument("--contrast", default="auto", help="input contrast (iw-fs, pd-fs, t2-fs, "
                    "stir, dess, ...); auto: from the image metadata")
     p.add_argument("--model", help="model name or *.safetensors (default: bml-inpaint, or "
@@ -558,11 +592,14 @@ def _add_detect(sub: Any) -> None:
     p.add_argument("--threshold", type=float, help="z threshold (default: calibrated, from "
                    "the model card)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    _add_detect_cord_options(p)
     p.set_defaults(run=_run_detect)
 
 
 def _run_detect(args: argparse.Namespace) -> int:
     """``mskmri detect bml IMAGE OUT``: lesion mask, record and optional table."""
+    if args.target == "cord-hyperintensity":
+        return _run_detect_cord(args)
     from mskmri.anomaly.inpaint import detect_bml_file
 
     if args.method == "mkd":

@@ -47,6 +47,7 @@ ARCHITECTURES: dict[str, str] = {
     "unet-encoder": "mskmri.nn.unet:UNetEncoder",
     "ffc-inpainter": "mskmri.nn.ffc:FFCInpainter",
     "pretrain-net": "mskmri.pretrain.model:PretrainNet",
+    "mae-vit": "mskmri.anomaly.mae_net:MaskedAutoencoderViT",
 }
 
 
@@ -570,6 +571,25 @@ TRAIN_TASKS["vertebra-inpaint"] = TrainTask(
     ),
     defaults={"steps": 2000, "batch_size": 16, "lr": 2e-3, "schedule": "cosine",
               "checkpoint_every": 100, "seed": 0, "device": "cpu"},
+)
+
+
+TRAIN_TASKS["mae"] = TrainTask(
+    name="mae",
+    help="ViT masked autoencoder of cord T2 hyperintensity detection (U2AD), trained on "
+         "healthy cords only (SCT T2 + U2AD public slices); calibrates its pixel threshold",
+    entry="mskmri.anomaly.mae_train:run",
+    options=(
+        TrainOption(("--data",), {"metavar": "DIR", "help": "shared data folder holding "
+                                  "spine/ (default: the configured shared data)"}),
+        TrainOption(("--dim",), {"type": int, "help": "encoder width (128)"}),
+        TrainOption(("--depth",), {"type": int, "help": "encoder layers (4)"}),
+        TrainOption(("--name",), {"help": "model name in the card (cord-mae)"}),
+        TrainOption(("--threads",), {"type": int, "help": "torch CPU threads"}),
+    ),
+    defaults={"steps": 2000, "batch_size": 16, "lr": 5e-4, "schedule": "cosine",
+              "warmup_steps": 100, "checkpoint_every": 200, "seed": 0, "device": "cpu",
+              "weight_decay": 0.05},
 )
 
 

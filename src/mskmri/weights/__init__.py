@@ -107,6 +107,17 @@ MODELS["vertebra-inpaint"] = ModelEntry(
             "MRI was available): Genant macro-F1 0.61 there, grade 1 F1 0.29 "
             "(benchmarks/results/vertebra_grading.json); treat Genant grades as unvalidated"))
 
+MODELS["cord-mae"] = ModelEntry(
+    "cord-mae.safetensors", "mae",
+    "2-D ViT masked autoencoder (U2AD) of healthy cords on sagittal T2 at 1 mm: cord T2 "
+    "hyperintensity by mask-and-reconstruct (1600 CPU steps on one healthy SCT cord + "
+    "auxiliary healthy slices)",
+    caveat=("the shipped cord masked autoencoder is a first small CPU model trained on one "
+            "healthy cord and checked on 3 clinical slices (one labelled hyperintensity of 19 "
+            "pixels) and rendered lesions only (benchmarks/results/cord_hyperintensity.json): "
+            "treat its masks and level decisions as unvalidated"))
+
+
 def model_caveat(name: str) -> str | None:
     """The caveat of shipped model ``name`` (None when it has none or is not shipped)."""
     entry = MODELS.get(name)
