@@ -537,11 +537,13 @@ def _run_analyze(args: argparse.Namespace) -> int:
 # ==== cord-hyperintensity
 def _add_detect_cord_options(p: argparse.ArgumentParser) -> None:
     """Options of ``mskmri detect cord-hyperintensity`` (ignored by ``detect bml``)."""
-    from mskmri.anomaly.mae import ADAPT_STEPS
+    from mskmri.anomaly.mae import ADAPT_STEPS, DEFAULT_ADAPT_STEPS
 
-    p.add_argument("--adapt-steps", type=int, default=ADAPT_STEPS, metavar="N",
-                   help="cord-hyperintensity: uncertainty-guided test-time adaptation steps "
-                   f"(default {ADAPT_STEPS}; 0 = none)")
+    p.add_argument("--adapt-steps", type=int, default=DEFAULT_ADAPT_STEPS, metavar="N",
+                   help="cord-hyperintensity: uncertainty-guided test-time adaptation steps on "
+                   f"this input (default {DEFAULT_ADAPT_STEPS}; U2AD-like: {ADAPT_STEPS}; it "
+                   "can learn the input's own lesion, see benchmarks/results/"
+                   "cord_hyperintensity.json)")
     p.add_argument("--anomaly", metavar="OUT", help="cord-hyperintensity: write the anomaly "
                    "map |image - mean reconstruction| (eroded cord) here")
     p.add_argument("--seed", type=int, default=0, help="cord-hyperintensity: seed of the random "

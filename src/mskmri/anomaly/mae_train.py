@@ -24,8 +24,8 @@ Samples are :data:`~mskmri.anomaly.mae.WINDOW`-pixel windows around a random reg
 random rotation (+-:data:`ROTATE_DEG`), scale (:data:`SCALE_RANGE`), A-P flip, intensity scale
 and gamma, and Gaussian noise; :data:`~mskmri.anomaly.mae.MASK_RATIO` of the region patches
 are hidden. After training the z threshold (:func:`~mskmri.anomaly.mae.robust_z`) is
-calibrated on the healthy SCT cord with the full detection pipeline (adaptation +
-Monte-Carlo), voxel FPR :data:`~mskmri.anomaly.mae.PIXEL_FPR`, and stored in the card
+calibrated on the healthy SCT cord with the default detection pipeline (Monte-Carlo; no
+adaptation, :data:`~mskmri.anomaly.mae.DEFAULT_ADAPT_STEPS`), voxel FPR :data:`~mskmri.anomaly.mae.PIXEL_FPR`, and stored in the card
 (``extra["z_threshold"]``).
 """
 
@@ -224,7 +224,9 @@ def calibrate(model: Any, cases: list[HealthyCase], *, seed: int = 0) -> dict[st
                               "segments": len(levels), "patient_positive": patient["positive"],
                               "flagged_area_mm2": patient["flagged_area_mm2"]}
     return {"z_threshold": thr, "pixel_fpr": mae.PIXEL_FPR, "n_pixels": int(allv.size),
-            "healthy_cases": healthy, "pipeline": "adaptation + Monte-Carlo, as in detection"}
+            "healthy_cases": healthy,
+            "pipeline": f"as detection: adapt_steps {mae.DEFAULT_ADAPT_STEPS}, Monte-Carlo "
+                        f"repeats {mae.MC_REPEATS}, robust z per case"}
 
 
 def run(config: Any, options: Mapping[str, Any]) -> Any:

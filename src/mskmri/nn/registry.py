@@ -577,7 +577,7 @@ TRAIN_TASKS["vertebra-inpaint"] = TrainTask(
 TRAIN_TASKS["mae"] = TrainTask(
     name="mae",
     help="ViT masked autoencoder of cord T2 hyperintensity detection (U2AD), trained on "
-         "healthy cords only (SCT T2 + U2AD public slices); calibrates its pixel threshold",
+         "healthy cords only (SCT T2 + U2AD public slices); calibrates its z threshold",
     entry="mskmri.anomaly.mae_train:run",
     options=(
         TrainOption(("--data",), {"metavar": "DIR", "help": "shared data folder holding "
