@@ -283,6 +283,8 @@ class StudyOutcome:
         ``"skipped"``: complete from an earlier run, measurements read back.
     seconds : float
         Wall time of the task (s).
+    cpu_seconds : float
+        CPU time of the task's process (s; one study per single-thread worker process).
     measurements : list of dict
         ``{"key", "value", "unit"}`` per measurement (empty when failed).
     warnings : list of str
@@ -296,6 +298,7 @@ class StudyOutcome:
     id: str
     status: str
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
     measurements: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     error: str = ""
@@ -382,7 +385,7 @@ def run_study(study: Study, out_dir: str | os.PathLike[str], *, overwrite: bool 
     """
     from mskmri.io import atomic_write_json
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = Path(out_dir)
     opts = dict(options or {})
     try:
@@ -421,6 +424,7 @@ def run_study(study: Study, out_dir: str | os.PathLike[str], *, overwrite: bool 
             "seconds": round(time.perf_counter() - t0, 3),
         })
         return StudyOutcome(id=study.id, status="ok", seconds=time.perf_counter() - t0,
+                            cpu_seconds=time.process_time() - c0,
                             measurements=_measurement_rows(doc), warnings=warnings,
                             report=f"{STUDIES_DIR}/{study.id}/{report_name}")
     except Exception as exc:  # noqa: BLE001 - isolate every failure of one study
@@ -767,13 +771,15 @@ def run_cohort(
     counts = {st: sum(o.status == st for o in ordered.values())
               for st in ("ok", "skipped", "failed")}
     analysed = [o.seconds for o in ordered.values() if o.status == "ok"]
+    cpu = [o.cpu_seconds for o in ordered.values() if o.status == "ok"]
     atomic_write_json(out / COHORT_FILE, {
         **cohort_doc, "finished_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(
             timespec="seconds"),
         "counts": {**counts, "studies": len(studies)},
         "timings_s": {"total": round(seconds, 3), "cluster_start": round(t_start, 3),
                       "study_mean": round(sum(analysed) / len(analysed), 3) if analysed
-                      else None},
+                      else None,
+                      "study_cpu_mean": round(sum(cpu) / len(cpu), 3) if cpu else None},
         "failures": failures, "tool_version": __version__,
     })
     log.info("cohort: %d analysed, %d skipped (complete earlier), %d failed in %.1f s; open %s",
