@@ -181,6 +181,7 @@ def test_refuses_a_folder_that_is_not_a_cohort(inputs, tmp_path: Path) -> None:
     ("path,group,anatomy\nd1/a.nii.gz,x,knee\nd2/a.nii.gz,y,knee\n", "already used"),
     ("id,path,group,anatomy\n../up,a.nii.gz,x,knee\n", "may hold only"),
     ("path,group,anatomy\n", "no studies"),
+    ("path,group,anatomy,series\na.nii.gz,x,spine,3\n", "for knee studies"),
 ])
 def test_bad_manifests(tmp_path: Path, text: str, match: str) -> None:
     m = tmp_path / "m.csv"
@@ -191,12 +192,13 @@ def test_bad_manifests(tmp_path: Path, text: str, match: str) -> None:
 
 def test_manifest_defaults(tmp_path: Path) -> None:
     m = tmp_path / "m.csv"
-    m.write_text("path,group,age\nscans/K01.nii.gz,oa,61\n/abs/dicom_folder,normal,55\n")
+    m.write_text("path,group,age,series\nscans/K01.nii.gz,oa,61,\n/abs/dicom_folder,normal,55,4\n")
     studies = read_cohort_manifest(m, anatomy="knee")
     assert [s.id for s in studies] == ["K01", "dicom_folder"]
     assert studies[0].path == tmp_path.resolve() / "scans" / "K01.nii.gz"
     assert studies[1].path == Path("/abs/dicom_folder")
     assert studies[0].extra == {"age": "61"} and studies[0].anatomy == "knee"
+    assert studies[0].series is None and studies[1].series == "4"
 
 
 def test_spine_study_and_resume(scheduler, tmp_path: Path) -> None:

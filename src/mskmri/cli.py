@@ -631,8 +631,8 @@ def _add_cohort(sub: Any) -> None:
                        f"{EXIT_SOME_FAILED} some failed (listed in DIR/failures.csv), 2 bad "
                        "manifest or options.")
     p.add_argument("manifest", metavar="MANIFEST", help="CSV with columns path, group, "
-                   "anatomy (knee|spine) and optionally id, seg, lesions and any others "
-                   "(carried into the table)")
+                   "anatomy (knee|spine) and optionally id, seg, lesions, series (knee, DICOM "
+                   "folders) and any others (carried into the table)")
     p.add_argument("--out", required=True, metavar="DIR", help="cohort folder (an earlier "
                    "cohort folder is resumed: complete studies are skipped)")
     p.add_argument("--anatomy", choices=ANATOMIES, help="anatomy of rows that name none")

@@ -12,6 +12,8 @@ The manifest is a CSV file with one row per study:
 ``seg``          optional label map on the image's grid: analysed instead of segmenting
                  (``analyze --seg``)
 ``lesions``      optional knee lesion mask (``analyze --lesions``)
+``series``       optional, knee: which series of a DICOM folder holding several
+                 (SeriesInstanceUID, SeriesNumber or index, as ``mskmri info`` lists them)
 anything else    carried unchanged into the table (e.g. ``site``, ``age``)
 ===============  ==========================================================================
 
@@ -92,7 +94,7 @@ COHORT_FILE: Final = "cohort.json"
 
 #: Manifest columns with a meaning; every other column is carried into the table.
 REQUIRED_COLUMNS: Final = ("path", "group")
-KNOWN_COLUMNS: Final = ("id", "path", "group", "anatomy", "seg", "lesions")
+KNOWN_COLUMNS: Final = ("id", "path", "group", "anatomy", "seg", "lesions", "series")
 #: Anatomies a cohort can analyse.
 ANATOMIES: Final = ("knee", "spine")
 #: First columns of the table, before the manifest's extra columns and the measurements.
@@ -127,6 +129,8 @@ class Study:
         ``"knee"`` or ``"spine"``.
     seg, lesions : Path or None
         Optional label map / lesion mask passed to the analysis.
+    series : str or None
+        Knee: the series of a DICOM folder to analyse.
     extra : dict of str to str
         The manifest's other columns, carried into the table.
     """
@@ -137,6 +141,7 @@ class Study:
     anatomy: str
     seg: Path | None = None
     lesions: Path | None = None
+    series: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -225,12 +230,15 @@ def read_cohort_manifest(path: str | os.PathLike[str], *,
                               f"{seen[sid]}; give every study its own id (an 'id' column)")
         seen[sid] = line
 
-        if anat != "knee" and row.get("lesions"):
-            raise CohortError(f"{p} line {line}: a lesion mask is for a knee study, not {anat}")
+        for col in ("lesions", "series"):
+            if anat != "knee" and row.get(col):
+                raise CohortError(f"{p} line {line}: the {col} column is for knee studies, "
+                                  f"not {anat}; leave it empty")
         extra = {k: v for k, v in row.items() if k and k not in KNOWN_COLUMNS}
         studies.append(Study(id=sid, path=image, group=group, anatomy=anat,
                              seg=_optional_path(row.get("seg"), base),
-                             lesions=_optional_path(row.get("lesions"), base), extra=extra))
+                             lesions=_optional_path(row.get("lesions"), base),
+                             series=row.get("series") or None, extra=extra))
     return studies
 
 
@@ -259,8 +267,8 @@ def path_checksum(path: str | os.PathLike[str]) -> str:
 def study_checksum(study: Study, options: Mapping[str, Any]) -> str:
     """One SHA-256 over what decides a study's result: anatomy, options and input files."""
     digest = hashlib.sha256()
-    digest.update(json.dumps({"anatomy": study.anatomy, "options": dict(options)},
-                             sort_keys=True).encode())
+    digest.update(json.dumps({"anatomy": study.anatomy, "series": study.series,
+                              "options": dict(options)}, sort_keys=True).encode())
     for role, p in (("image", study.path), ("seg", study.seg), ("lesions", study.lesions)):
         if p is not None:
             digest.update(f"{role}:{path_checksum(p)}".encode())
@@ -401,13 +409,14 @@ def run_study(study: Study, out_dir: str | os.PathLike[str], *, overwrite: bool 
         command = (f"mskmri analyze {study.anatomy} {study.path} --out {sdir}"
                    + (f" --seg {study.seg}" if study.seg else "")
                    + (f" --lesions {study.lesions}" if study.lesions else "")
+                   + (f" --series {study.series}" if study.series else "")
                    + (" --overwrite" if replace else ""))
         if study.anatomy == "knee":
             from mskmri.analyze import analyze_knee
 
             res = analyze_knee(study.path, sdir, seg_path=study.seg, lesions_path=study.lesions,
-                               meshes=bool(opts.get("meshes", True)), command=command,
-                               overwrite=replace)
+                               series=study.series, meshes=bool(opts.get("meshes", True)),
+                               command=command, overwrite=replace)
             doc, warnings = res.measurements, list(res.warnings)
         else:
             from mskmri.analyze_spine import analyze_spine
