@@ -261,10 +261,17 @@ def evaluate_painter(name: str, painter: Any, svm_secs: list[Any], test_secs: li
     for tname, rs in test_sets.items():
         xt, yt, okt = features(rs, ph_test)
         res[tname] = {"unmeasured_renders": int((~okt).sum())}
+        shapes = np.array([r["shape"] for r in rs])
         for key, svm in svms.items():
             pred = np.where(okt, svm.predict(xt), 0)
             res[tname][key] = scores(yt, pred)
             res[tname][key + "_binary"] = binary_scores(yt, pred)
+            res[tname][key + "_by_shape"] = {
+                sh: {"macro_f1": scores(yt[shapes == sh], pred[shapes == sh])["macro_f1"],
+                     "recall_per_grade": {g: v["recall"] for g, v in scores(
+                         yt[shapes == sh], pred[shapes == sh])["per_grade"].items()},
+                     "n": int((shapes == sh).sum())}
+                for sh in FRACTURE_SHAPES}
         rhlv_rule = np.array([genant_from_loss(max(f)) for f in xt])
         res[tname]["max_rhlv_genant_rule"] = scores(yt, rhlv_rule)
         res[tname]["max_rhlv_genant_rule_binary"] = binary_scores(yt, rhlv_rule)
