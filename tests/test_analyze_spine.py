@@ -122,8 +122,9 @@ def test_end_to_end_from_image(shared_data: Path, tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- phantoms (fast)
 def test_phantom_analysis_report_and_overwrite(tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    """Five 27 mm boxes on sagittal 4 mm slices: heights measured, the cord and grades listed
-    as not measured with their reason, an existing --out refused unless --overwrite."""
+    """Five 27 mm boxes on sagittal 4 mm slices: heights measured, intact bodies graded 0 (the
+    end bodies, without two neighbours, not graded), the cord listed as not measured with its
+    reason, an existing --out refused unless --overwrite."""
     from _analysis_inputs import spine_inputs
 
     paths = spine_inputs(tmp_path / "in")
@@ -138,7 +139,10 @@ def test_phantom_analysis_report_and_overwrite(tmp_path: Path,
     assert got[("cobb_angle", "L1-L5")] == pytest.approx(0.0, abs=1.0)
     html = (out / "report.html").read_text()
     nm = html[html.index('class="not-measured"'):]
-    assert "no spinal cord in the label map" in nm and "Fracture grade" in nm
+    assert "no spinal cord in the label map" in nm and "Fracture grade" not in nm
+    for level in ("L2", "L3", "L4"):
+        assert got[("genant_grade", level)] == 0
+    assert got[("genant_grade", "L1")] is None and got[("genant_grade", "L5")] is None
     assert all(n not in got for n in (("mscc", None), ("cord_area", None)))
     for section in ('id="study"', 'id="qc"', 'id="methods"', 'id="surfaces"', "Input checksums"):
         assert section in html

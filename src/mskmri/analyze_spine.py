@@ -12,6 +12,8 @@ not exist unless ``--overwrite`` (:func:`mskmri.analyze.check_out_dir`). DIR is 
 atomically: everything goes to a temporary folder that is renamed to DIR at the end, so a
 failure leaves no partial output (and a previous analysis in DIR stays as it was).
 
+Fracture grades (RHLV per section and Genant grade, :mod:`mskmri.measure.grading`) are made
+for every vertebra with a neighbour above and below (:func:`mskmri.anomaly.vertebra_inpaint.grade_spine`).
 Measurement families the analysis cannot make (no cord, no discs, no fracture grade) are
 listed in the report as not measured, with the reason (:func:`spine_not_measured`).
 """
@@ -88,7 +90,8 @@ def spine_not_measured(seg: Any, document: dict[str, Any],
         "cord": ("no spinal cord in the label map" if SPINAL_CORD not in present
                  else "the cord could not be measured (see the warnings)")
         + ("" if CSF in present else "; no CSF/canal label"),
-        "grade": "not made by this version of mskmri",
+        "grade": ("no vertebra with a neighbour above and below (grading paints a vertebra "
+                  "from its neighbours)"),
     }
     out = [(what, why_absent[kind]) for what, prefixes, kind in SPINE_FAMILIES
            if not any(n == p or n.startswith(p) for n in names for p in prefixes)]
@@ -207,6 +210,11 @@ def analyze_spine(image_path: str | os.PathLike[str], out_dir: str | os.PathLike
     t = time.perf_counter()
     analysis = analyse_spine(seg, image=image)
     warnings.extend(analysis.warnings)
+    from mskmri.anomaly.vertebra_inpaint import grade_spine  # RHLV + Genant (measure.grading)
+
+    grading = grade_spine(seg, device=device)
+    analysis.measurements.extend(grading.measurements)
+    warnings.extend(w for w in grading.warnings if w not in warnings)
     models = [] if seg_path is not None else [model_info(model, "vertebral bodies")]
     context = report_context(image, image_path, seg, anatomy="spine", seg_path=seg_path,
                              models=models, include_phi=include_phi)
