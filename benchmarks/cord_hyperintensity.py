@@ -71,6 +71,23 @@ SEED = 6000
 #: Set-level adaptation (U2AD adapts on the clinical set): steps on all inputs of a set.
 SET_ADAPT_STEPS = 60
 
+CAN_SHOW = (
+    "Whether the pipeline runs end to end on real 1 mm sagittal T2 (2-D U2AD slices, 3-D SCT "
+    "volumes) with outputs on the input grid; whether the anomaly map ranks hyperintense cord "
+    "pixels above healthy cord pixels (read-zone AUROC) for lesions of a known, rendered "
+    "contrast in held-out cords; how per-input and set-level adaptation change that; how the "
+    "level and patient decisions behave against the T2-MI/RSCI rule on the same segments.")
+CANNOT_SHOW = (
+    "Clinical accuracy. There is ONE labelled real hyperintensity (private_2, 19 pixels, label "
+    "6 inferred from the authors' code) and two clinical slices without one: segment- and "
+    "patient-level counts are a handful of decisions, so F1 values are anecdotes, not "
+    "estimates (no confidence interval would be informative). Rendered lesions follow our own "
+    "renderer (smooth ellipsoids, 1.4-1.9 x the cord signal) or SCT's synthetic lesion (3.2 x); "
+    "real myelopathy signal is fainter and irregular. The model saw one healthy cord (SCT), so "
+    "its z threshold and healthy-cord statistics come from one subject and one scanner; the "
+    "U2AD clinical slices are another scanner. The SCT held-out volume may be the same subject "
+    "as the training crop (not recorded). Pseudo-levels on SCT are 20 mm chunks, not vertebrae.")
+
 
 # ----------------------------------------------------------------------------- data
 def u2ad_case(npz: Any, key: str) -> dict[str, Any]:
@@ -221,7 +238,7 @@ def t2mi_rule_u2ad(case: dict[str, Any]) -> dict[str, bool]:
     from mskmri.measure.spine import analyse_spine
 
     res = analyse_spine(case["seg"], image=case["image"])
-    return {m.structure: bool(m.value) for m in res.measurements
+    return {str(m.structure): bool(m.value) for m in res.measurements
             if m.name == "cord_t2_hyperintense"}
 
 
@@ -449,8 +466,8 @@ def main(argv: list[str] | None = None) -> int:
         "t2mi_rsci_rule_levels": rule,
         "results": results,
         "seconds_total": round(time.perf_counter() - t_begin, 1),
-        "what_this_can_show": "",
-        "what_this_cannot_show": "",
+        "what_this_can_show": CAN_SHOW,
+        "what_this_cannot_show": CANNOT_SHOW,
     }
     atomic_write_json(Path(args.out), doc)
     log.info("wrote %s", args.out)

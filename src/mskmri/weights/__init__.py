@@ -113,9 +113,12 @@ MODELS["cord-mae"] = ModelEntry(
     "hyperintensity by mask-and-reconstruct (1600 CPU steps on one healthy SCT cord + "
     "auxiliary healthy slices)",
     caveat=("the shipped cord masked autoencoder is a first small CPU model trained on one "
-            "healthy cord and checked on 3 clinical slices (one labelled hyperintensity of 19 "
-            "pixels) and rendered lesions only (benchmarks/results/cord_hyperintensity.json): "
-            "treat its masks and level decisions as unvalidated"))
+            "healthy cord and checked on 3 clinical slices and rendered lesions only: it "
+            "misses the one labelled clinical hyperintensity (19 pixels) at its calibrated "
+            "threshold and flags healthy upper levels (C2 of a clinical slice, the top 20 mm of "
+            "a held-out healthy cord; benchmarks/results/cord_hyperintensity.json); treat its "
+            "masks and level "
+            "decisions as unvalidated"))
 
 
 def model_caveat(name: str) -> str | None:
