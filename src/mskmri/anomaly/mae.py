@@ -322,12 +322,14 @@ class SliceMaps:
 
 
 def _windows(sl: CordSlice) -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray]:
+    """Window origins, (B, W, W) window images and (B, N) masking candidates of a slice."""
     origins = window_origins(sl.region)
-    imgs = np.stack([cut_window(sl.image, o) for o in origins]) if origins else \
-        np.zeros((0, WINDOW, WINDOW), np.float32)
-    cand = patch_fraction(np.stack([cut_window(sl.region, o) for o in origins])) \
-        >= MIN_REGION_FRACTION if origins else np.zeros((0, (WINDOW // PATCH) ** 2), bool)
-    return origins, imgs, cand
+    if not origins:
+        return [], np.zeros((0, WINDOW, WINDOW), np.float32), \
+            np.zeros((0, (WINDOW // PATCH) ** 2), bool)
+    imgs = np.stack([cut_window(sl.image, o) for o in origins])
+    regions = np.stack([cut_window(sl.region, o) for o in origins])
+    return origins, imgs, patch_fraction(regions) >= MIN_REGION_FRACTION
 
 
 def _forward(model: Any, imgs: np.ndarray, masks: np.ndarray, device: str) -> np.ndarray:
@@ -670,7 +672,8 @@ def detect_cord_hyperintensity(
     repeats : int
         Monte-Carlo reconstructions of every cord patch.
     adapt_steps : int
-        Test-time adaptation steps (0: none).
+        Uncertainty-guided test-time adaptation steps on this input (default
+        :data:`DEFAULT_ADAPT_STEPS` = 0, none; see step 4 of the module notes).
     seed : int
         Seed of every random masking.
     device : str
