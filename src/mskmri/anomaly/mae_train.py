@@ -289,8 +289,10 @@ def run(config: Any, options: Mapping[str, Any]) -> Any:
                     "note": "benchmarks/cord_hyperintensity.py holds the held-out evaluation"},
         notes=("U2AD (arXiv 2503.13400) ViT masked autoencoder, reduced for CPU: 64-pixel "
                "windows at 1 mm, patch 8, encoder/decoder as in config. Trained on ONE healthy "
-               "subject's cord (SCT sample) plus two auxiliary slices: a first small model. The "
-               "z threshold is calibrated on that same training cord (optimistic)."),
+               f"subject's cord (SCT sample) plus auxiliary healthy context ({len(aux)} U2AD "
+               f"public slices without cord, {len(bands)} unlabelled SCT slices with random-band "
+               "masking): a first small model. The z threshold is calibrated on that same "
+               "training cord (optimistic)."),
         extra={"z_threshold": cal["z_threshold"], "calibration": cal,
                "steps": result.step, "window": mae.WINDOW, "patch": mae.PATCH,
                "mask_ratio": mae.MASK_RATIO, "edge_weight": mae.EDGE_WEIGHT,
