@@ -191,17 +191,37 @@ def collect_images(paths: Sequence[str | Path], *, dims: int, spacing_mm: float 
     return out
 
 
-def crop_or_pad(image: np.ndarray, size: Sequence[int], rng: np.random.Generator
-                ) -> tuple[np.ndarray, tuple[int, ...]]:
+def crop_or_pad(image: np.ndarray, size: Sequence[int], rng: np.random.Generator,
+                contains: Sequence[int] | None = None) -> tuple[np.ndarray, tuple[int, ...]]:
     """A random ``size`` window of ``image`` (zero-padded where the image is smaller).
 
-    Returns the window and its start (negative where padded).
+    Parameters
+    ----------
+    image : ndarray
+        Any rank.
+    size : sequence of int
+        Window shape (one entry per axis of ``image``), voxels.
+    rng : numpy.random.Generator
+        Source of the window start.
+    contains : sequence of int or None
+        A voxel index the window must include: the start is drawn uniformly among the
+        windows that contain it (None: among all windows).
+
+    Returns
+    -------
+    (ndarray, tuple of int)
+        The window (float32, shape ``size``) and its start (negative where padded).
     """
     starts = []
     out = np.zeros(tuple(size), np.float32)
     src, dst = [], []
-    for n, s in zip(image.shape, size, strict=True):
-        st = int(rng.integers(0, n - s + 1)) if n >= s else -int(rng.integers(0, s - n + 1))
+    point = [None] * image.ndim if contains is None else [int(c) for c in contains]
+    for n, s, c in zip(image.shape, size, point, strict=True):
+        if n >= s:
+            lo, hi = (0, n - s) if c is None else (max(0, c - s + 1), min(n - s, c))
+            st = int(rng.integers(lo, hi + 1))
+        else:
+            st = -int(rng.integers(0, s - n + 1))
         starts.append(st)
         a0, a1 = max(st, 0), min(st + s, n)
         src.append(slice(a0, a1))

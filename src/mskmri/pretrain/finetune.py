@@ -2,7 +2,8 @@
 
 The same recipe for both arms of ``benchmarks/pretraining.py`` (scratch and pretrained):
 a 2-D :class:`~mskmri.nn.unet.UNet`, random crops of labelled slices (foreground slices
-oversampled), intensity augmentation, Dice + cross-entropy, the shared loop
+oversampled, and their crops placed to contain a random foreground pixel, so a small structure
+in a slice larger than the patch is still seen), intensity augmentation, Dice + cross-entropy, the shared loop
 :func:`mskmri.nn.train.fit`; the pretrained arm differs only by ``TrainConfig.init``.
 Evaluation stacks the slice predictions of a volume and scores 3-D Dice.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,18 +37,20 @@ DICE_SMOOTH = 1.0
 @dataclass
 class LabelledVolume:
     """One volume as slices: ``image`` ``(Z, H, W)`` normalised float32, ``labels`` same shape
-    uint8 (0/1), and a name."""
+    uint8 (0/1), a name, and how it was made (``meta``, JSON-ready, e.g. a render's contrast)."""
 
     name: str
     image: np.ndarray
     labels: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 class SliceSegDataset:
     """Random labelled crops from a few volumes (a seeded dataset for :func:`fit`).
 
     ``sample(index, rng)`` picks volume ``index``, a slice (with foreground at probability
-    :data:`FOREGROUND_SLICE_FRACTION`), a crop of ``patch`` and an intensity augmentation.
+    :data:`FOREGROUND_SLICE_FRACTION`), a crop of ``patch`` (on a foreground slice, one that
+    contains a foreground pixel drawn at random) and an intensity augmentation.
     """
 
     def __init__(self, volumes: Sequence[LabelledVolume], patch: Sequence[int]) -> None:
@@ -63,11 +66,16 @@ class SliceSegDataset:
         """``(image (1, *patch) float32, labels (*patch) int64)``."""
         v = self.volumes[index]
         fg = self.fg[index]
-        z = int(rng.choice(fg)) if fg.size and rng.random() < FOREGROUND_SLICE_FRACTION \
-            else int(rng.integers(0, len(v.image)))
+        contains: tuple[int, ...] | None = None
+        if fg.size and rng.random() < FOREGROUND_SLICE_FRACTION:
+            z = int(rng.choice(fg))
+            pts = np.argwhere(v.labels[z] > 0)
+            contains = (0, *(int(c) for c in pts[rng.integers(len(pts))]))
+        else:
+            z = int(rng.integers(0, len(v.image)))
         stack = np.stack([v.image[z], v.labels[z].astype(np.float32)])
         # One window for image and labels: crop the 2-channel stack.
-        img, lab = crop_or_pad(stack, (2, *self.patch), rng)[0]
+        img, lab = crop_or_pad(stack, (2, *self.patch), rng, contains)[0]
         img = np.clip(img, 0.0, None) ** rng.uniform(*AUG_GAMMA)
         img = img * rng.uniform(*AUG_SCALE) + rng.uniform(*AUG_SHIFT)
         img = img + rng.normal(0.0, rng.uniform(*AUG_NOISE), img.shape)
