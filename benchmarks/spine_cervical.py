@@ -18,6 +18,9 @@ What it does (issue 6, "Segmentation" and the cervical targets of "Measurements"
   prediction is measured as ``mskmri analyze spine`` would: the label map of
   :func:`mskmri.segment.spine.segment_spine` (levels from the C2 rule when it holds) through
   :func:`mskmri.measure.spine.analyse_spine` with the image.
+- The same slices segmented by the network alone (``bone_ensemble=False``: without the
+  bodies-only partner, which was trained on lumbar exams and is used by the pipeline whenever
+  the C2 rule fails) are under ``u2ad_network_alone``.
 - C2-C7 Cobb between the inferior endplates: (a) as reported under the predicted level names,
   (b) between the predicted bodies that cover manual C2 and C7 (geometry only, independent of
   the level naming). MSCC per disc, matched through the bodies covering the manual ones.
@@ -106,11 +109,11 @@ def _body_map(manual: LabelVolume, pred: LabelVolume) -> dict[str, str]:
 
 
 def evaluate_u2ad_slice(key: str, image_arr: np.ndarray, labels: np.ndarray,
-                        model: str) -> dict[str, Any]:
+                        model: str, bone_ensemble: bool = True) -> dict[str, Any]:
     """Dice per class, C2-C7 Cobb and MSCC of one slice, predicted vs manual."""
     image = slice_image_volume(image_arr, (1.0, 1.0), row_axis="I", col_axis="P")
     t0 = time.perf_counter()
-    res = segment_spine(image, model=model)
+    res = segment_spine(image, model=model, bone_ensemble=bone_ensemble)
     seconds = time.perf_counter() - t0
     pred = res.labels
     manual, _ = manual_u2ad(labels)
@@ -232,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     npz = np.load(data / "spine" / sd.U2AD_FILE)
     slices: dict[str, Any] = {}
+    alone: dict[str, Any] = {}
     for key in sd.U2AD_KEYS:
         fold = "b" if key in trained["a"] else "a"
         if key in trained[fold]:
@@ -239,22 +243,38 @@ def main(argv: list[str] | None = None) -> int:
         entry = evaluate_u2ad_slice(key, npz[f"{key}_img"], npz[f"{key}_labels"], models[fold])
         entry["fold_model"] = fold
         slices[key] = entry
+        alone[key] = evaluate_u2ad_slice(key, npz[f"{key}_img"], npz[f"{key}_labels"],
+                                         models[fold], bone_ensemble=False)
         sys.stdout.write(f"{key} (model {fold}): Dice {entry['dice']}, Cobb C2-C7 manual "
                          f"{entry['cobb_C2_C7_manual_deg']} named diff "
                          f"{entry['cobb_C2_C7_named_diff_deg']} matched diff "
                          f"{entry['cobb_C2_C7_matched_diff_deg']}\n")
-    named = [e["cobb_C2_C7_named_diff_deg"] for e in slices.values()
-             if e["cobb_C2_C7_named_diff_deg"] is not None]
-    matched = [e["cobb_C2_C7_matched_diff_deg"] for e in slices.values()
-               if e["cobb_C2_C7_matched_diff_deg"] is not None]
-    mscc = [d["diff"] for e in slices.values() for d in e["mscc_percent"].values()
-            if d["diff"] is not None]
-    mscc_missing = sum(d["diff"] is None for e in slices.values()
-                       for d in e["mscc_percent"].values())
+    def summarise(slices: dict[str, Any]) -> dict[str, Any]:
+        named = [e["cobb_C2_C7_named_diff_deg"] for e in slices.values()
+                 if e["cobb_C2_C7_named_diff_deg"] is not None]
+        matched = [e["cobb_C2_C7_matched_diff_deg"] for e in slices.values()
+                   if e["cobb_C2_C7_matched_diff_deg"] is not None]
+        mscc = [d["diff"] for e in slices.values() for d in e["mscc_percent"].values()
+                if d["diff"] is not None]
 
-    def cls_mean(name: str) -> float | None:
-        vals = [e["dice"][name] for e in slices.values() if e["dice"][name] is not None]
-        return _r(float(np.mean(vals)), 4) if vals else None
+        def cls_mean(name: str) -> float | None:
+            vals = [e["dice"][name] for e in slices.values() if e["dice"][name] is not None]
+            return _r(float(np.mean(vals)), 4) if vals else None
+
+        return {
+            "cobb_C2_C7_named_mae_deg": _mean_abs(named), "cobb_C2_C7_named_n": len(named),
+            "cobb_C2_C7_matched_mae_deg": _mean_abs(matched),
+            "cobb_C2_C7_matched_n": len(matched),
+            "cobb_C2_C7_reference_n": sum(e["cobb_C2_C7_manual_deg"] is not None
+                                          for e in slices.values()),
+            "mscc_mae_points": _mean_abs(mscc), "mscc_n": len(mscc),
+            "mscc_max_abs_points": _r(float(np.max(np.abs(mscc)))) if mscc else None,
+            "mscc_reference_levels_not_measured_on_prediction": sum(
+                d["diff"] is None for e in slices.values() for d in e["mscc_percent"].values()),
+            "u2ad_dice_mean": {n: cls_mean(n) for n in ("vertebral_body", "disc",
+                                                         "spinal_cord")},
+            "levels_from_c2": sum(e["levels"].startswith("anatomy: C2") for e in slices.values()),
+        }
 
     base = data / "spine" / "radiospineomics_lumbar_2d"
     rso = {s: evaluate_radiospineomics(base, s, args.model_a) for s in RADIOSPINEOMICS}
@@ -273,16 +293,11 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"cobb_C2_C7_abs_diff_deg": TARGET_COBB_DEG,
                     "mscc_abs_diff_points": TARGET_MSCC_POINTS},
         "u2ad": slices,
+        "u2ad_network_alone": alone,
         "radiospineomics": rso,
+        "summary_network_alone": summarise(alone),
         "summary": {
-            "cobb_C2_C7_named_mae_deg": _mean_abs(named), "cobb_C2_C7_named_n": len(named),
-            "cobb_C2_C7_matched_mae_deg": _mean_abs(matched),
-            "cobb_C2_C7_matched_n": len(matched),
-            "mscc_mae_points": _mean_abs(mscc), "mscc_n": len(mscc),
-            "mscc_max_abs_points": _r(float(np.max(np.abs(mscc)))) if mscc else None,
-            "mscc_reference_levels_not_measured_on_prediction": mscc_missing,
-            "u2ad_dice_mean": {n: cls_mean(n) for n in ("vertebral_body", "disc",
-                                                         "spinal_cord")},
+            **summarise(slices),
             "radiospineomics_dice_mean": {
                 n: _r(float(np.mean([r["dice"][n] for r in rso.values()
                                      if r["dice"][n] is not None])), 4)

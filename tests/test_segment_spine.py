@@ -148,6 +148,11 @@ def test_c2_rule_names_a_tall_top_body_c2_only_when_complete() -> None:
     top = _body_rows(6)[0]
     assert np.unique(labels.array[5:15, 15:45, top[0]:top[1]]).tolist() == [VERTEBRA_ID["C2"]]
     assert VERTEBRA_ID["C7"] in labels.present_values()
+    # a disc-like region above, but off the column (skull base, brain): still C2
+    arr = np.asarray(tall.array).copy()
+    arr[5:15, 57:60, 168:170] = sp.NET_DISC
+    _, source, _ = sp.assign_levels(LabelVolume(arr, tall.affine, schema="custom"))
+    assert source == sp.LEVEL_SOURCE_C2
     # a disc above the top body: a vertebra above is in view, so it is not C2
     _, source, warnings = sp.assign_levels(soft_phantom(6, sacrum=False, disc_above=True,
                                                         top_height=28))
@@ -235,10 +240,13 @@ def test_segment_writes_labels_on_the_input_grid(rng: np.random.Generator, tmp_p
     image = Volume((truth.array > 0).astype(np.float32) * 100 + 10, truth.affine)
     stored = _random_storage(rng, image)
 
-    def fake_predict(model: object, canonical: np.ndarray, **_: object) -> np.ndarray:
-        return np.where(canonical > 0.5, sp.NET_BODY, 0).astype(np.uint8)
+    def fake_probabilities(model: object, canonical: np.ndarray, *_: object) -> np.ndarray:
+        prob = np.zeros((sd.N_CLASSES, *canonical.shape), np.float32)
+        prob[sp.NET_BODY] = canonical > 0.5
+        prob[0] = 1.0 - prob[sp.NET_BODY]
+        return prob
 
-    monkeypatch.setattr(sp, "predict_canonical", fake_predict)
+    monkeypatch.setattr(sp, "_class_probabilities", fake_probabilities)
     monkeypatch.setattr("mskmri.nn.registry.load_model",
                         lambda *a, **k: (None, type("C", (), {"name": "fake", "sha256": ""})()))
     res = sp.segment_spine(stored)
@@ -309,3 +317,63 @@ def test_shipped_model_on_held_out_exam(shared_data: Path, tmp_path: Path,
     can_pred = np.isin(can, [v for v in np.unique(can) if is_vertebra(int(v))])
     can_gt = sd.to_canonical(gt).array[:, band] > 0
     assert sd.binary_dice(can_pred, can_gt) >= 0.85
+
+
+@pytest.mark.skipif("spine-seg" not in MODELS, reason="spine-seg weights not shipped yet")
+def test_shipped_model_on_a_held_out_cervical_slice(shared_data: Path) -> None:
+    """U2AD clinical slice private_3, which the shipped model never saw (fold "a"): levels
+    from C2, bodies and discs found, the (partially labelled) cord recovered."""
+    from mskmri.labels import is_disc
+    from mskmri.measure.spine import slice_image_volume
+    from mskmri.nn.registry import read_card, resolve_weights
+
+    card = read_card(resolve_weights("spine-seg")[0])
+    assert "private_3" not in card.extra["u2ad_trained"]
+    npz = np.load(shared_data / "spine" / sd.U2AD_FILE)
+    image = slice_image_volume(npz["private_3_img"], (1.0, 1.0), row_axis="I", col_axis="P")
+    res = sp.segment_spine(image)
+    assert res.level_source == sp.LEVEL_SOURCE_C2
+    pred = np.asarray(res.labels.array)[:, :, 0]
+    target, _ = sd.u2ad_target(npz["private_3_labels"])
+    band = target != sd.IGNORE
+    body = np.isin(pred, [v for v in np.unique(pred) if is_vertebra(int(v))])
+    disc = np.isin(pred, [v for v in np.unique(pred) if is_disc(int(v))])
+    assert sd.binary_dice(body[band], (target == sd.BODY)[band]) >= 0.75
+    assert sd.binary_dice(disc[band], (target == sd.DISC)[band]) >= 0.6
+    assert np.mean(pred[target == sd.CORD] == SPINAL_CORD) >= 0.8
+    assert VERTEBRA_ID["C7"] in res.labels.present_values()
+
+
+def test_fuse_bone_known_answer() -> None:
+    """Bone where the mean bone probability of the two networks > 0.5, else the main
+    network's best non-bone class."""
+    # pixels: main (bg, body, sacrum, disc, cord, csf); partner (bg, body, sacrum)
+    main = np.array([[0.1, 0.3, 0.0, 0.6, 0.0, 0.0],    # partner sure of body: bone
+                     [0.2, 0.4, 0.0, 0.4, 0.0, 0.0],    # partner says background: disc
+                     [0.1, 0.2, 0.5, 0.2, 0.0, 0.0]]).T  # sacrum wins inside bone
+    other = np.array([[0.0, 1.0, 0.0], [0.9, 0.1, 0.0], [0.2, 0.5, 0.3]]).T
+    assert sp.fuse_bone(main, other).tolist() == [sp.NET_BODY, sp.NET_DISC, sp.NET_SACRUM]
+
+
+def _neck_phantom(disc_below_edge_region: bool) -> LabelVolume:
+    """C2 (26 mm, with its 'dens') and C3-C6 (16 mm) with discs, and a region cut by the top
+    edge of the image right above C2."""
+    arr = np.zeros(SHAPE, np.uint8)
+    arr[5:15, 15:45, 160:170] = sp.NET_BODY          # skull base / C1, cut by the edge
+    if disc_below_edge_region:
+        arr[5:15, 15:45, 156:160] = sp.NET_DISC
+    arr[5:15, 15:45, 130:156] = sp.NET_BODY          # C2
+    for z1 in (124, 102, 80, 58):
+        arr[5:15, 15:45, z1 + 1:z1 + 6] = sp.NET_DISC
+        arr[5:15, 15:45, z1 - 16:z1] = sp.NET_BODY
+    return LabelVolume(arr, np.eye(4), schema="custom")
+
+
+def test_region_cut_by_the_edge_above_c2_is_dropped_only_without_a_disc_between() -> None:
+    labels, source, warnings = sp.assign_levels(_neck_phantom(False))
+    assert source == sp.LEVEL_SOURCE_C2
+    assert not labels.array[:, :, 160:].any()
+    assert np.unique(labels.array[5:15, 15:45, 130:156]).tolist() == [VERTEBRA_ID["C2"]]
+    assert any("above C2" in w and "dropped" in w for w in warnings)
+    _, source, _ = sp.assign_levels(_neck_phantom(True))
+    assert source == sp.LEVEL_SOURCE_ORDINAL

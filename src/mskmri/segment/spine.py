@@ -19,7 +19,10 @@ Pipeline
    body is then L5 and the bodies above are L4, L3, ... (assumes no transitional vertebra).
    Failing that, from C2 (:func:`c2_anchor`): the top body is C2 when it is at least
    :data:`C2_HEIGHT_RATIO` times the median height of the others (the dens), is not cut by
-   the image edge and no disc lies above it. Otherwise bodies get ordinal ids from 1000 (top
+   the image edge and no disc lies above it in the column (within
+   :data:`COLUMN_MAX_OFFSET_MM` of its centroid in the axial plane). A region cut by the
+   image edge directly above such a body, with no disc between, is not a vertebral body
+   (C1 has none; skull base) and is dropped with a warning. Otherwise bodies get ordinal ids from 1000 (top
    first) and the output says so (warning + sidecar).
 4. Discs, cord and CSF (:func:`add_soft_tissue`): each disc component goes to the pair of
    consecutive bodies (the sacrum counts as the lowest) whose centroids bracket its own and
@@ -68,6 +71,9 @@ log = logging.getLogger(__name__)
 
 #: Shipped model used by default.
 DEFAULT_MODEL = "spine-seg"
+#: Model-card ``extra`` key naming a background/body/sacrum network (a weight file beside the
+#: model's) whose bone probability is averaged with the model's (:func:`predict_canonical`).
+BONE_ENSEMBLE_KEY = "bone_ensemble"
 #: Sliding-window patch (pixels of 1 mm) on one sagittal slice; a multiple of 16.
 INFER_PATCH: tuple[int, int] = (224, 224)
 #: Overlap of neighbouring windows.
@@ -79,6 +85,8 @@ NET_BODY, NET_SACRUM, NET_DISC, NET_CORD, NET_CSF = sd.BODY, sd.SACRUM, sd.DISC,
 #: The top body is taken as C2 (with its dens) when it is at least this many times the median
 #: S-I height of the other bodies (C2 with the dens is about twice C3's height).
 C2_HEIGHT_RATIO = 1.4
+#: Why the C2 rule fails when the top body is cut by the image edge.
+C2_EDGE_REASON = "the top body touches the image edge (it may be cut)"
 #: Fewest bodies for the C2 rule (the median of the others must mean something).
 C2_MIN_BODIES = 4
 #: Cord/CSF components smaller than this fraction of the class's largest component are dropped.
@@ -156,32 +164,9 @@ class SpineSegmentation:
 
 
 # ----------------------------------------------------------------------------- network
-def predict_canonical(model: nn.Module, image: np.ndarray, *, slice_spacing_mm: float = 1.0,
-                      batch_size: int = 2) -> np.ndarray:
-    """Network classes of a normalised canonical stack, slice by slice.
-
-    Each sagittal slice goes through the sliding-window inferer; the class probabilities are
-    then averaged over each slice and its two neighbours (weights 1/3) when the slices are at
-    most :data:`SMOOTH_MAX_SPACING_MM` apart (a light 2.5-D consistency step: +0.004 Dice on
-    the validation exams), and the arg-max is taken.
-
-    Parameters
-    ----------
-    model : nn.Module
-        2-D network, ``(B, 1, H, W)`` -> ``(B, K, H, W)`` logits.
-    image : (L, H, W) float32 ndarray
-        Sagittal slices on the canonical grid (:func:`~mskmri.segment._spine_data.to_canonical`),
-        normalised to [0, 1].
-    slice_spacing_mm : float
-        Distance between the slices (mm).
-    batch_size : int
-        Windows per forward pass.
-
-    Returns
-    -------
-    (L, H, W) uint8 ndarray
-        Network classes (:data:`~mskmri.segment._spine_data.NET_CLASSES`).
-    """
+def _class_probabilities(model: nn.Module, image: np.ndarray, slice_spacing_mm: float,
+                         batch_size: int) -> np.ndarray:
+    """Softmax ``(K, L, H, W)`` of a 2-D network slice by slice (3-slice average when thin)."""
     import torch
     from scipy import ndimage
 
@@ -200,7 +185,72 @@ def predict_canonical(model: nn.Module, image: np.ndarray, *, slice_spacing_mm: 
     assert prob is not None
     if image.shape[0] >= 3 and slice_spacing_mm <= SMOOTH_MAX_SPACING_MM:
         prob = ndimage.convolve1d(prob, np.full(3, 1.0 / 3.0), axis=1, mode="nearest")
-    return np.asarray(prob.argmax(0), dtype=np.uint8)
+    return prob
+
+
+def predict_canonical(model: nn.Module, image: np.ndarray, *, slice_spacing_mm: float = 1.0,
+                      batch_size: int = 2, bone_model: nn.Module | None = None) -> np.ndarray:
+    """Network classes of a normalised canonical stack, slice by slice.
+
+    Each sagittal slice goes through the sliding-window inferer; the class probabilities are
+    then averaged over each slice and its two neighbours (weights 1/3) when the slices are at
+    most :data:`SMOOTH_MAX_SPACING_MM` apart (a light 2.5-D consistency step: +0.004 Dice on
+    the validation exams), and the arg-max is taken.
+
+    With ``bone_model`` (a background/body/sacrum network), vertebral bone is decided by the
+    mean of the two networks' bone probabilities (body + sacrum) > 0.5, body vs sacrum by the
+    larger mean probability, and the other pixels take ``model``'s most likely non-bone class
+    (+0.005 to +0.012 bone Dice on each lumbar validation exam over either network alone).
+
+    Parameters
+    ----------
+    model : nn.Module
+        2-D network, ``(B, 1, H, W)`` -> ``(B, K, H, W)`` logits.
+    image : (L, H, W) float32 ndarray
+        Sagittal slices on the canonical grid (:func:`~mskmri.segment._spine_data.to_canonical`),
+        normalised to [0, 1].
+    slice_spacing_mm : float
+        Distance between the slices (mm).
+    batch_size : int
+        Windows per forward pass.
+    bone_model : nn.Module, optional
+        Second network with classes background, body, sacrum.
+
+    Returns
+    -------
+    (L, H, W) uint8 ndarray
+        Network classes (:data:`~mskmri.segment._spine_data.NET_CLASSES`).
+    """
+    prob = _class_probabilities(model, image, slice_spacing_mm, batch_size)
+    if bone_model is None:
+        return np.asarray(prob.argmax(0), dtype=np.uint8)
+    return fuse_bone(prob, _class_probabilities(bone_model, image, slice_spacing_mm, batch_size))
+
+
+def fuse_bone(prob: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """Classes from the main network's probabilities with bone decided by two networks.
+
+    Parameters
+    ----------
+    prob : (K, ...) ndarray
+        Main network's class probabilities (:data:`~mskmri.segment._spine_data.NET_CLASSES`).
+    other : (3, ...) ndarray
+        Background/body/sacrum probabilities of the second network.
+
+    Returns
+    -------
+    (...) uint8 ndarray
+        Bone where the mean bone probability (body + sacrum) > 0.5 (body or sacrum by the
+        larger mean), elsewhere the main network's most likely non-bone class.
+    """
+    body = 0.5 * (prob[NET_BODY] + other[NET_BODY])
+    sacrum = 0.5 * (prob[NET_SACRUM] + other[NET_SACRUM])
+    soft = prob.copy()
+    soft[[NET_BODY, NET_SACRUM]] = -1.0
+    out = soft.argmax(0).astype(np.uint8)
+    bone = body + sacrum > 0.5
+    out[bone] = np.where(sacrum[bone] > body[bone], NET_SACRUM, NET_BODY)
+    return out
 
 
 # ----------------------------------------------------------------------------- post-processing
@@ -300,7 +350,7 @@ def c2_anchor(out: np.ndarray, ids: list[int], classes: LabelVolume) -> str | No
     shape = out.shape
     if any(bool(np.any((top[:, a] == 0) | (top[:, a] == shape[a] - 1)))
            for a in range(3) if shape[a] > 1):
-        return "the top body touches the image edge (it may be cut)"
+        return C2_EDGE_REASON
     heights = []
     for v in ids:
         zs = classes.voxel_to_world(np.argwhere(out == v)) @ SUPERIOR
@@ -309,11 +359,14 @@ def c2_anchor(out: np.ndarray, ids: list[int], classes: LabelVolume) -> str | No
     if heights[0] < C2_HEIGHT_RATIO * med:
         return (f"the top body is {heights[0] / med:.1f}x the median height of the others "
                 f"(C2 with its dens: >= {C2_HEIGHT_RATIO})")
-    top_s = float((classes.voxel_to_world(top) @ SUPERIOR).max())
-    discs = np.argwhere(np.asarray(classes.array) == NET_DISC)
-    if discs.size:
-        above = classes.voxel_to_world(discs) @ SUPERIOR > top_s
-        if int(above.sum()) * float(np.prod(classes.spacing)) >= MIN_SOFT_MM3:
+    top_w = classes.voxel_to_world(top)
+    top_s, top_c = float((top_w @ SUPERIOR).max()), top_w.mean(axis=0)
+    lab, keep = _components(np.asarray(classes.array) == NET_DISC, float(np.prod(classes.spacing)))
+    for comp in keep:
+        c = classes.voxel_to_world(np.argwhere(lab == comp)).mean(axis=0)
+        d = c - top_c
+        off = float(np.linalg.norm(d - (d @ SUPERIOR) * SUPERIOR))
+        if float(c @ SUPERIOR) > top_s and off <= COLUMN_MAX_OFFSET_MM:
             return "a disc lies above the top body (a vertebra above it is in view)"
     return None
 
@@ -390,9 +443,19 @@ def assign_levels(classes: LabelVolume) -> tuple[LabelVolume, str, list[str]]:
                 source = LEVEL_SOURCE_ANATOMY
     if source == LEVEL_SOURCE_ORDINAL:
         c2_reason = c2_anchor(out, ids, classes)
+        if c2_reason == C2_EDGE_REASON and len(ids) > 1 and c2_anchor(out, ids[1:], classes) is None:
+            # a region cut by the image edge right above a C2-like body with no disc between
+            # is not a vertebral body (C1 has none; skull base): it is dropped
+            out[out == ids[0]] = 0
+            warnings.append(f"a body-like region at the image edge above C2 (no disc between: "
+                            f"C1 or the skull base) was dropped (was V{ids[0]})")
+            ids = ids[1:]
+            c2_reason = None
         if c2_reason is None:
             out = rename(VERTEBRA_ID["C2"], from_top=True)
             source = LEVEL_SOURCE_C2
+            # C2 is tall because of its dens, not because two bodies merged
+            warnings = [w for w in warnings if not w.startswith(f"body V{ids[0]} is ")]
         else:
             reason = f"{reason}; not C2: {c2_reason}"
     if source == LEVEL_SOURCE_ORDINAL:
@@ -495,7 +558,7 @@ def add_soft_tissue(labels: LabelVolume,
 
 # ----------------------------------------------------------------------------- public API
 def segment_spine(image: Volume, *, model: str | os.PathLike[str] = DEFAULT_MODEL,
-                  device: str = "cpu") -> SpineSegmentation:
+                  device: str = "cpu", bone_ensemble: bool = True) -> SpineSegmentation:
     """Segment the vertebral bodies, discs, cord and CSF of a sagittal spine MRI.
 
     Parameters
@@ -506,6 +569,9 @@ def segment_spine(image: Volume, *, model: str | os.PathLike[str] = DEFAULT_MODE
         Registered model name or a ``*.safetensors`` file with its card.
     device : str
         torch device.
+    bone_ensemble : bool
+        Average the bone probability with the bodies-only partner network named in the card
+        (default; never on a spine whose levels come out from C2). False: the model alone.
 
     Returns
     -------
@@ -529,14 +595,30 @@ def segment_spine(image: Volume, *, model: str | os.PathLike[str] = DEFAULT_MODE
     can = sd.to_canonical(image)
     norm = sd.normalise(can.array)
     net, card = load_model(str(model), device=device)
+    bone_net = None
+    partner = (getattr(card, "extra", None) or {}).get(BONE_ENSEMBLE_KEY)
+    if partner and bone_ensemble:
+        from mskmri.nn.registry import resolve_weights
+
+        bone_net, _ = load_model(resolve_weights(str(model))[0].parent / partner, device=device)
     t1 = time.perf_counter()
     import torch
 
     with torch.no_grad():
-        classes = predict_canonical(net, norm, slice_spacing_mm=can.spacing[0])
+        prob = _class_probabilities(net, norm, can.spacing[0], 2)
+        class_vol = LabelVolume(prob.argmax(0).astype(np.uint8), can.affine,
+                                dict(sd.NET_CLASSES), schema="custom")
+        labels_can, source, warnings = assign_levels(class_vol)
+        fused = False
+        if bone_net is not None and source != LEVEL_SOURCE_C2:
+            # the bodies-only partner was trained on lumbar/lower thoracic exams only: it is
+            # not used on a cervical spine (levels from C2)
+            other = _class_probabilities(bone_net, norm, can.spacing[0], 2)
+            class_vol = LabelVolume(fuse_bone(prob, other), can.affine, dict(sd.NET_CLASSES),
+                                    schema="custom")
+            labels_can, source, warnings = assign_levels(class_vol)
+            fused = True
     t2 = time.perf_counter()
-    class_vol = LabelVolume(classes, can.affine, dict(sd.NET_CLASSES), schema="custom")
-    labels_can, source, warnings = assign_levels(class_vol)
     labels_can, soft_warnings, missing = add_soft_tissue(labels_can, class_vol)
     warnings += soft_warnings
     labels = labels_can.resample_to(image, order=0)
@@ -548,6 +630,7 @@ def segment_spine(image: Volume, *, model: str | os.PathLike[str] = DEFAULT_MODE
     for w in warnings:
         log.warning("%s", w)
     info = {"model": card.name, "model_sha256": card.sha256,
+            "bone_ensemble": partner if fused else None,
             "canonical_shape": list(can.shape),
             "seconds": {"load": round(t1 - t0, 3), "network": round(t2 - t1, 3),
                         "postprocess": round(time.perf_counter() - t2, 3)}}
