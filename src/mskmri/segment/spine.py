@@ -627,6 +627,11 @@ def segment_spine(image: Volume, *, model: str | os.PathLike[str] = DEFAULT_MODE
     if not labels.present_values():
         raise SegmentationError("the vertebral bodies found vanished on the input grid; "
                                 "is the image very coarse?")
+    from mskmri.weights import model_caveat
+
+    caveat = model_caveat(str(model))
+    if caveat:
+        warnings.append(f"model caveat: {caveat}")
     for w in warnings:
         log.warning("%s", w)
     info = {"model": card.name, "model_sha256": card.sha256,

@@ -95,8 +95,19 @@ MODELS["bml-mkd"] = ModelEntry(
 
 MODELS["spine-seg"] = ModelEntry(
     "spine-seg.safetensors", "spine-seg",
-    "2-D U-Net: vertebral bodies and sacrum (S1) on sagittal spine MRI, T1/T2 (real "
-    "MyoSegmenTUM + Chu exams; CPU training, 1800 steps)")
+    "2-D U-Net: vertebral bodies, sacrum (S1), discs, spinal cord and CSF on sagittal spine "
+    "MRI, T1/T2 (real partially labelled sources, marginal loss; 1800 CPU steps warm-started "
+    "from spine-seg-bodies)",
+    caveat=("the spine model's discs, cord and CSF are first results from few labelled images "
+            "(discs: one lumbar exam and two cervical slices; CSF: partial labels only; checked "
+            "on 1 held-out clinical cervical slice and 2 lumbar slices, "
+            "benchmarks/results/spine_cervical.json): treat disc, cord and CSF masks and the "
+            "cord measurements made from them as unvalidated"))
+
+MODELS["spine-seg-bodies"] = ModelEntry(
+    "spine-seg-bodies.safetensors", "spine-seg",
+    "2-D U-Net: vertebral bodies and sacrum (S1) only (the previous spine-seg); its bone "
+    "probability is averaged with spine-seg's outside the neck")
 
 MODELS["vertebra-inpaint"] = ModelEntry(
     "vertebra-inpaint.safetensors", "vertebra-inpaint",
