@@ -84,8 +84,9 @@ def spine_not_measured(seg: Any, document: dict[str, Any],
     why_absent = {
         "vertebra": ("no vertebral body in the label map" if not any(
             is_vertebra_value(v) for v in present) else "no vertebral body could be measured"),
-        "disc": ("no intervertebral discs in the label map (the shipped spine model segments "
-                 "vertebral bodies only)" if not any(is_disc_value(v) for v in present)
+        "disc": ("no intervertebral discs in the label map (when segmented here, the "
+                 "segmentation sidecar's not_segmented says why)"
+                 if not any(is_disc_value(v) for v in present)
                  else "the discs could not be measured (see the warnings)"),
         "cord": ("no spinal cord in the label map" if SPINAL_CORD not in present
                  else "the cord could not be measured (see the warnings)")
