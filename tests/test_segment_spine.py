@@ -377,3 +377,15 @@ def test_region_cut_by_the_edge_above_c2_is_dropped_only_without_a_disc_between(
     assert any("above C2" in w and "dropped" in w for w in warnings)
     _, source, _ = sp.assign_levels(_neck_phantom(True))
     assert source == sp.LEVEL_SOURCE_ORDINAL
+
+
+def test_body_instances_flat_bodies_do_not_divide_by_zero() -> None:
+    """Bodies one voxel thick along S-I (median height 0 mm, e.g. a thin cord-centred crop):
+    instances are numbered, no merged-body warning, no ZeroDivisionError."""
+    arr = np.zeros((20, 20, 24), np.uint8)
+    for z in (2, 6, 10):  # three flat bodies: height 0 along S-I (RAS z), so the median is 0
+        arr[5:15, 5:15, z] = sp.NET_BODY
+    arr[5:15, 5:15, 14:16] = sp.NET_BODY  # one 1 mm high body
+    ids, warnings = sp.body_instances(LabelVolume(arr, np.eye(4), schema="custom"))
+    assert set(np.unique(ids)) == {0, 1000, 1001, 1002, 1003}
+    assert not any("merged" in w for w in warnings)

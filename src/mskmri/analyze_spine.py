@@ -49,9 +49,16 @@ MANIFEST_KIND = "spine"
 
 #: The methods section of the spine report.
 SPINE_METHODS: tuple[str, ...] = (
-    "Segmentation: vertebral bodies by level (VerSe ids) from the shipped 2-D U-Net on the "
-    "sagittal slices, or given with --seg; levels from anatomy (sacrum, C2) where it can be "
-    "told, otherwise ordinal ids from 1000 (named V1000, V1001, ...).",
+    "Segmentation: vertebral bodies by level (VerSe ids), intervertebral discs (100 + id of the "
+    "body above), spinal cord (201) and CSF/canal (202) from the shipped 2-D U-Net on the "
+    "sagittal slices (bone probabilities averaged with the bodies-only model outside the neck), "
+    "or given with --seg; levels from anatomy where it can be told (the sacrum; C2 as the top "
+    "body at least 1.4x the median height with no disc above it), otherwise ordinal ids from "
+    "1000 (named V1000, V1001, ...).",
+    "Fracture grade: each vertebra with a neighbour above and below is painted from its "
+    "neighbours (shape inpainting, vertebra-inpaint) to get its pre-fracture shape; relative "
+    "height loss (RHLV) per section = (pseudo-healthy - observed) / pseudo-healthy height; "
+    "Genant grade 0-3 by a linear SVM on the three RHLVs (trained on rendered fractures).",
     "Heights (mm): in each body's mid-sagittal plane, along the body's own superior-inferior "
     "axis, at 85%, 50% and 15% of its anterior-posterior depth counted from the posterior edge "
     "(anterior, middle, posterior); wedge ratio = anterior / posterior height.",

@@ -323,7 +323,7 @@ def body_instances(classes: LabelVolume) -> tuple[np.ndarray, list[str]]:
     med_h = float(np.median(list(heights.values()))) if heights else 0.0
     for rank, v in enumerate(keep):
         out[inst == v] = ORDINAL_VERTEBRA_START + rank
-        if heights[v] > MERGED_BODY_RATIO * med_h:
+        if med_h > 0 and heights[v] > MERGED_BODY_RATIO * med_h:  # med_h 0: flat bodies
             warnings.append(f"body V{ORDINAL_VERTEBRA_START + rank} is "
                             f"{heights[v] / med_h:.1f}x the median height: it may be two "
                             "merged bodies")
