@@ -953,14 +953,14 @@ def level_segments(seg: LabelVolume) -> tuple[np.ndarray | None, dict[int, str],
         spine_log.setLevel(level)
     order = list(res.vertebrae.values())
     by_value = {g.value: g for g in order}
-    segs = sp._level_segments(order, by_value)
+    segs = sp.level_segments_between_endplates(order, by_value)
     out = np.zeros(seg.shape, np.int32)
     idx = np.argwhere(seg.mask(SPINAL_CORD, CORD_HYPERINTENSITY, CSF))
     pts = seg.voxel_to_world(idx)
     ids = np.zeros(len(idx), np.int32)
     names: dict[int, str] = {}
     for geo, top, nt, bot, nb in segs:
-        sel = sp._in_segment(pts, top, nt, bot, nb) & (ids == 0)
+        sel = sp.in_level_segment(pts, top, nt, bot, nb) & (ids == 0)
         ids[sel] = geo.value
         names[geo.value] = geo.structure
     out[tuple(idx.T)] = ids

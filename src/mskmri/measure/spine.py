@@ -1077,10 +1077,25 @@ def _canal_midpoint(
     return f.centre + off * f.lr + mid * f.ap
 
 
-def _level_segments(
+def level_segments_between_endplates(
     order: list[SectionGeometry], by_value: Mapping[int, SectionGeometry]
 ) -> list[tuple[SectionGeometry, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """(geometry, top point, top normal, bottom point, bottom normal) per level segment."""
+    """The level segments: from each vertebra's superior endplate to the next one's.
+
+    Parameters
+    ----------
+    order : list of SectionGeometry
+        The vertebrae, top to bottom.
+    by_value : mapping of int to SectionGeometry
+        The same, by label value.
+
+    Returns
+    -------
+    list of tuple
+        ``(geometry, top point (3,) mm, top normal (3,), bottom point (3,) mm, bottom normal
+        (3,))`` per segment, RAS world coordinates; the last vertebra's segment ends at its own
+        inferior endplate.
+    """
     out = []
     for geo in order:
         if geo.mid_top is None:
@@ -1093,8 +1108,12 @@ def _level_segments(
     return out
 
 
-def _in_segment(points: np.ndarray, top: np.ndarray, n_top: np.ndarray, bottom: np.ndarray,
-                n_bottom: np.ndarray) -> np.ndarray:
+def in_level_segment(points: np.ndarray, top: np.ndarray, n_top: np.ndarray,
+                     bottom: np.ndarray, n_bottom: np.ndarray) -> np.ndarray:
+    """Which points (N, 3) mm lie between the planes (point, normal) ``top`` and ``bottom``.
+
+    Returns a boolean (N,) array: below the top plane (inclusive) and above the bottom one.
+    """
     return ((points - top) @ n_top <= 0) & ((points - bottom) @ n_bottom > 0)
 
 
@@ -1234,7 +1253,7 @@ def _cord_steps(
                    "dims": dims},
         ))
     _k_line_step(seg, res, order, sampler, cord_pts, planar)
-    segments = _level_segments(order, by_value)
+    segments = level_segments_between_endplates(order, by_value)
     if image is not None:
         from scipy.ndimage import distance_transform_edt
 
@@ -1258,7 +1277,7 @@ def _cord_steps(
         ))
         return
     for geo, top, nt, bot, nb in segments:
-        sel = _in_segment(cents, top, nt, bot, nb)
+        sel = in_level_segment(cents, top, nt, bot, nb)
         if not sel.any():
             ws.append(f"{geo.structure}: no cord slice in its level; cord area not measured")
             continue
@@ -1337,7 +1356,7 @@ def _t2_step(
     sig = image.array[tuple(cord_idx.T)].astype(np.float64)
     t2mi: dict[int, tuple[SectionGeometry, float]] = {}
     for geo, top, nt, bot, nb in segments:
-        sel = _in_segment(cord_pts, top, nt, bot, nb)
+        sel = in_level_segment(cord_pts, top, nt, bot, nb)
         if sel.sum() < MIN_STRUCTURE_VOXELS:
             res.warnings.append(f"{geo.structure}: fewer than {MIN_STRUCTURE_VOXELS} cord voxels "
                                 f"deeper than {T2MI_CORD_EROSION_MM:g} mm in its level; T2-MI not "
