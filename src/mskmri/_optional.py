@@ -17,6 +17,7 @@ _EXTRA_OF = {
     "highdicom": "dicom-out",
     "dask": "cohort",
     "distributed": "cohort",
+    "pyarrow": "cohort",
     "sklearn": "stats",
 }
 
