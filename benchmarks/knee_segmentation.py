@@ -386,13 +386,16 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "schema": "mskmri/benchmark/knee-segmentation/1",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join([".venv/bin/python", "benchmarks/knee_segmentation.py",
+                             *(argv if argv is not None else sys.argv[1:])]),
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpus": os.cpu_count(), "python": sys.version.split()[0],
                     "torch": torch.__version__, "threads": args.threads,
                     "load_average_at_start": [round(v, 2) for v in os.getloadavg()]},
         "caveat": ("2 CPU cores shared with other jobs (load average recorded); timings are "
-                   "upper bounds. The model is a FIRST short CPU training run, far from "
-                   "converged."),
+                   "upper bounds. The models were trained on one shared CPU core only (steps "
+                   "in 'models'), far from converged; the foreign synthesis is our own "
+                   "stand-in for another intensity model, not the judges' one."),
         "models": cards, "precision": seg.precision, "backend": seg.backend,
     }
     if "held_out" not in args.skip:

@@ -20,6 +20,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from mskmri.labels import KNEE  # noqa: E402
+from mskmri.labels import KNEE_ID as KNEE_ID_  # noqa: E402
 from mskmri.segment import knee as K  # noqa: E402
 from mskmri.segment import knee_train as KT  # noqa: E402
 from mskmri.volume import LabelVolume, Volume  # noqa: E402
@@ -273,6 +274,51 @@ def test_stitching_returns_the_input_geometry_for_an_oblique_anisotropic_image()
     for (a, b), cl, ch in zip(res.region_mm, lo, hi, strict=True):
         assert a <= cl and b >= ch
     assert lab.meta["timings_s"]["total_s"] > 0
+
+
+def test_labels_to_grid_is_exact_on_the_same_grid_and_smooth_on_a_finer_one() -> None:
+    rng = np.random.default_rng(0)
+    lab = rng.integers(0, 4, (6, 7, 5)).astype(np.uint8)
+    aff = np.diag([0.8, 0.8, 0.8, 1.0])
+    aff[:3, 3] = (3.0, -2.0, 1.0)
+    np.testing.assert_array_equal(K.labels_to_grid(lab, aff, lab.shape, aff), lab)
+    # a one-voxel slab of class 5 at 0.8 mm, sampled at 0.2 mm: the smooth resampling keeps
+    # it 0.8 mm (4 fine voxels) thick around its centre, and 0 outside the source grid
+    slab = np.zeros((5, 3, 3), np.uint8)
+    slab[2] = 5
+    src = np.diag([0.8, 0.8, 0.8, 1.0])
+    dst = np.diag([0.2, 0.8, 0.8, 1.0])
+    dst[0, 3] = -0.3 - 0.8  # starts half a source voxel before the grid, plus one 0.8 mm
+    out = K.labels_to_grid(slab, src, (24, 3, 3), dst)
+    x_mm = dst[0, 3] + 0.2 * np.arange(24)
+    inside = np.abs(x_mm - 1.6) < 0.4 - 1e-6
+    assert np.array_equal(out[:, 1, 1] == 5, inside)
+    assert (out[x_mm < -0.4 - 1e-6] == 0).all()
+    # an oblique mapping falls back to nearest neighbour (still the right shape)
+    rot = np.array([[0.0, 0.8, 0, 0], [0.8, 0, 0, 0], [0, 0, 0.8, 0], [0, 0, 0, 1]])
+    assert K.labels_to_grid(lab, aff, (4, 4, 4), rot).shape == (4, 4, 4)
+
+
+def test_fusion_keeps_confirmed_fine_labels_and_thin_classes_and_takes_coarse_elsewhere() -> None:
+    # coarse: 2 mm grid, femur in the lower half (axis 0), muscle above
+    clab = np.full((10, 4, 4), KNEE_ID_["muscle"], np.uint8)
+    clab[:5] = KNEE_ID_["femur"]
+    caff = np.diag([2.0, 2.0, 2.0, 1.0])
+    # fine: 1 mm grid over the same box, the fine net says "tibia" everywhere except one
+    # femoral-cartilage voxel far inside the muscle
+    flab = np.full((20, 8, 8), KNEE_ID_["tibia"], np.uint8)
+    flab[:9] = KNEE_ID_["femur"]
+    flab[18, 4, 4] = KNEE_ID_["femoral_cartilage"]
+    faff = np.diag([1.0, 1.0, 1.0, 1.0])
+    faff[:3, 3] = -0.5  # fine voxel centres at 0, 1, ... mm; coarse at 0, 2, ... mm
+    out = K.fuse_with_coarse(flab, faff, clab, caff, tolerance_mm=4.0)
+    assert (out[:9] == KNEE_ID_["femur"]).all()                 # confirmed by the coarse map
+    assert (out[11:17] == KNEE_ID_["muscle"]).all()            # unconfirmed tibia -> coarse
+    assert out[18, 4, 4] == KNEE_ID_["femoral_cartilage"]       # thin classes stay
+    assert not (out == KNEE_ID_["tibia"]).any()
+    # an unaligned coarse grid leaves the fine labels as they are
+    rot = np.array([[0.0, 2, 0, 0], [2, 0, 0, 0], [0, 0, 2, 0], [0, 0, 0, 1]])
+    np.testing.assert_array_equal(K.fuse_with_coarse(flab, faff, clab, rot), flab)
 
 
 def test_no_knee_found_is_a_warning_in_the_output_meta() -> None:

@@ -61,6 +61,23 @@ MIN_KNEE_BONE_ML = 20.0
 MIN_FOV_MM = 40.0
 #: A voxel spacing coarser than this (mm) along any axis is far outside training.
 MAX_SPACING_MM = 6.0
+#: Classes whose neighbourhood is brought back to the input grid by smooth label
+#: resampling (:func:`labels_to_grid`) instead of nearest neighbour: on an OAI map, a
+#: 0.8 mm round trip costs cartilage 0.13 Dice with nearest neighbour, 0.10 smoothly.
+SMOOTH_CLASSES = ("femoral_cartilage", "medial_tibial_cartilage", "lateral_tibial_cartilage",
+                  "patellar_cartilage", "medial_meniscus", "lateral_meniscus")
+#: Margin around the thin classes' bounding box that is resampled smoothly, mm.
+SMOOTH_MARGIN_MM = 4.0
+#: Classes of the fine network that must be confirmed by the coarse network: a fine voxel
+#: of one of these classes is kept only where the coarse labels hold the same class within
+#: :data:`FUSION_TOLERANCE_MM`, otherwise it takes the coarse label. The fine network sees
+#: 38 mm windows and confuses large homogeneous tissues far from the joint (muscle vs
+#: marrow, femoral vs tibial shaft) that the coarse one, seeing the whole knee, separates;
+#: thin classes (cartilage, menisci, ligaments, effusion) are the fine network's alone.
+FUSION_CHECKED = ("background", "femur", "tibia", "patella", "fibula", "muscle",
+                  "infrapatellar_fat_pad")
+#: Distance within which the coarse labels must confirm a checked fine class, mm.
+FUSION_TOLERANCE_MM = 4.0
 #: Number of output classes (background + the 17 knee classes).
 N_CLASSES = len(KNEE) + 1
 #: Names of the shipped models.
@@ -126,6 +143,148 @@ def grid_at_spacing(image: Volume, spacing: Sequence[float],
     aff[:3, :3] = image.direction * new[None, :]
     aff[:3, 3] = corner + aff[:3, :3] @ np.full(3, 0.5)
     return shape, aff
+
+
+def labels_to_grid(labels: np.ndarray, src_affine: np.ndarray, shape: Sequence[int],
+                   dst_affine: np.ndarray) -> np.ndarray:
+    """Resample a label array by linear interpolation of each class's indicator + arg-max.
+
+    Smoother than nearest neighbour when the destination grid is finer than the source:
+    a thin structure (cartilage, 2-3 voxels at 0.8 mm) keeps its sub-voxel boundary instead
+    of a staircase. Each class is interpolated only inside its bounding box (grown by one
+    source voxel). Grids must share their axis directions (an axis-aligned mapping, as
+    between the fine grid and the canonical image); otherwise nearest neighbour is used.
+
+    Parameters
+    ----------
+    labels : (I, J, K) integer ndarray
+        Source labels (< 256 classes).
+    src_affine, dst_affine : (4, 4) ndarray
+        Voxel -> world (mm) of the source and of the destination grid.
+    shape : (int, int, int)
+        Destination shape.
+
+    Returns
+    -------
+    uint8 ndarray of ``shape``; 0 outside the source grid.
+    """
+    from scipy import ndimage
+
+    mapping = np.linalg.inv(src_affine) @ np.asarray(dst_affine, dtype=np.float64)
+    lin, offset = mapping[:3, :3], mapping[:3, 3]
+    scale = np.diag(lin).copy()
+    if not (np.allclose(lin, np.diag(scale), atol=1e-6) and np.all(scale > 0)):
+        return LabelVolume(labels.astype(np.uint8), src_affine).resample_to_grid(
+            shape, dst_affine, order=0, cval=0).array.astype(np.uint8)
+    out = np.zeros(tuple(shape), np.uint8)
+    best = np.zeros(tuple(shape), np.float32)
+    counts = np.bincount(labels.ravel().astype(np.int64))
+    for c in np.flatnonzero(counts):
+        ind = labels == c
+        box = ndimage.find_objects(ind.astype(np.uint8))[0]
+        lo = np.array([max(b.start - 1, 0) for b in box])
+        hi = np.array([min(b.stop + 1, n) for b, n in zip(box, labels.shape, strict=True)])
+        # destination indices whose source position falls in [lo - 0.5, hi - 0.5]
+        d_lo = np.maximum(np.floor((lo - 0.5 - offset) / scale), 0).astype(int)
+        d_hi = np.minimum(np.ceil((hi - 0.5 - offset) / scale) + 1, shape).astype(int)
+        if np.any(d_hi <= d_lo):
+            continue
+        sub = ind[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))].astype(np.float32)
+        p = ndimage.affine_transform(sub, scale, offset=offset + scale * d_lo - lo,
+                                     output_shape=tuple(d_hi - d_lo), order=1,
+                                     mode="grid-constant", cval=0.0, prefilter=False)
+        region = tuple(slice(a, b) for a, b in zip(d_lo, d_hi, strict=True))
+        b_view, o_view = best[region], out[region]
+        win = p > b_view
+        b_view[win] = p[win]
+        o_view[win] = c
+    return out
+
+
+def fuse_with_coarse(flab: np.ndarray, faff: np.ndarray, clab: np.ndarray, caff: np.ndarray,
+                     tolerance_mm: float = FUSION_TOLERANCE_MM) -> np.ndarray:
+    """Fine labels where the coarse labels confirm them, coarse labels elsewhere.
+
+    A fine voxel whose class is in :data:`FUSION_CHECKED` is kept when the coarse map holds
+    that class within ``tolerance_mm`` (a dilation on the coarse grid); otherwise the voxel
+    takes the coarse label at its position (nearest coarse voxel). Other classes are kept.
+    Grids that are not axis-aligned with each other are returned unchanged.
+
+    Parameters
+    ----------
+    flab : (I, J, K) uint8 ndarray
+        Fine labels on the grid ``faff``.
+    faff, caff : (4, 4) ndarray
+        Voxel -> world (mm) of the fine and coarse grids.
+    clab : (P, Q, R) uint8 ndarray
+        Coarse labels on the grid ``caff``.
+    tolerance_mm : float
+
+    Returns
+    -------
+    uint8 ndarray, shape of ``flab``.
+    """
+    from scipy import ndimage
+
+    mapping = np.linalg.inv(caff) @ np.asarray(faff, dtype=np.float64)
+    lin = mapping[:3, :3]
+    scale = np.diag(lin)
+    if not np.allclose(lin, np.diag(scale), atol=1e-6):
+        return flab
+    cspacing = np.linalg.norm(np.asarray(caff)[:3, :3], axis=0)
+    steps = max(int(round(tolerance_mm / float(cspacing.min()))), 0)
+    allowed = np.ones((N_CLASSES, *clab.shape), dtype=bool)
+    for name in FUSION_CHECKED:
+        c = 0 if name == "background" else KNEE_ID[name]
+        mask = clab == c
+        allowed[c] = ndimage.binary_dilation(mask, iterations=steps) if steps and mask.any() \
+            else mask
+    idx = [np.clip(np.rint(scale[a] * np.arange(flab.shape[a]) + mapping[a, 3]), 0,
+                   clab.shape[a] - 1).astype(np.intp) for a in range(3)]
+    ii, jj, kk = idx[0][:, None, None], idx[1][None, :, None], idx[2][None, None, :]
+    ok = allowed[flab.astype(np.intp), ii, jj, kk]
+    return np.where(ok, flab, clab[ii, jj, kk]).astype(np.uint8)
+
+
+def _fine_to_input(flab: np.ndarray, faff: np.ndarray, can: Volume, image: Volume) -> LabelVolume:
+    """Fine labels on the input grid: nearest neighbour, smooth around the joint.
+
+    Around the thin classes (:data:`SMOOTH_CLASSES`, grown by :data:`SMOOTH_MARGIN_MM`) the
+    labels are resampled with :func:`labels_to_grid` on the canonical grid; elsewhere by
+    nearest neighbour. The canonical result is reoriented (no interpolation) to the input's
+    axes.
+    """
+    import nibabel.orientations as nio
+    from scipy import ndimage
+
+    fine = LabelVolume(flab, faff, dict(KNEE), schema="knee")
+    out_can = fine.resample_to_grid(can.shape, can.affine, order=0, cval=0).array
+    thin = np.isin(flab, [KNEE_ID[n] for n in SMOOTH_CLASSES])
+    if thin.any():
+        box = ndimage.find_objects(thin.astype(np.uint8))[0]
+        grow = int(np.ceil(SMOOTH_MARGIN_MM / float(np.min(fine.spacing))))
+        lo = np.array([max(b.start - grow, 0) for b in box])
+        hi = np.array([min(b.stop + grow, n) for b, n in zip(box, flab.shape, strict=True)])
+        sub = flab[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
+        sub_aff = faff.copy()
+        sub_aff[:3, 3] = faff[:3, :3] @ lo + faff[:3, 3]
+        # canonical voxels whose centres lie one fine voxel inside the crop (no edge effect)
+        corners = np.array([[a, b, c] for a in (lo[0] + 1, hi[0] - 2) for b in (lo[1] + 1, hi[1] - 2)
+                            for c in (lo[2] + 1, hi[2] - 2)], dtype=np.float64)
+        to_can = np.linalg.inv(can.affine) @ faff
+        pts = corners @ to_can[:3, :3].T + to_can[:3, 3]
+        c_lo = np.maximum(np.ceil(pts.min(0)), 0).astype(int)
+        c_hi = np.minimum(np.floor(pts.max(0)) + 1, can.shape).astype(int)
+        if np.all(c_hi > c_lo):
+            reg_aff = can.affine.copy()
+            reg_aff[:3, 3] = can.affine[:3, :3] @ c_lo + can.affine[:3, 3]
+            out_can[tuple(slice(a, b) for a, b in zip(c_lo, c_hi, strict=True))] = \
+                labels_to_grid(sub, sub_aff, tuple(c_hi - c_lo), reg_aff)
+    back = LabelVolume(out_can, can.affine, dict(KNEE), schema="knee").reorient(
+        "".join(nio.aff2axcodes(image.affine)))
+    if back.shape == image.shape and np.allclose(back.affine, image.affine, atol=1e-4):
+        return LabelVolume(back.array, image.affine, dict(KNEE), schema="knee")
+    return back.resample_to_grid(image.shape, image.affine, order=0, cval=0)  # type: ignore[return-value]
 
 
 @dataclass
@@ -304,11 +463,11 @@ class KneeSegmenter:
         timings["fine_resample_s"] = time.perf_counter() - t2
         t3 = time.perf_counter()
         flab = self._inferers["fine"].labels(fx)
+        flab = fuse_with_coarse(flab, faff, clab, caff)
         timings["fine_s"] = time.perf_counter() - t3
         # ---------------------------------------------------------------- back to the input
         t4 = time.perf_counter()
-        fine = LabelVolume(flab, faff, dict(KNEE), schema="knee")
-        out = fine.resample_to_grid(image.shape, image.affine, order=0, cval=0)
+        out = _fine_to_input(flab, faff, can, image)
         timings["to_input_s"] = time.perf_counter() - t4
         timings["total_s"] = time.perf_counter() - t0
         lo = can.voxel_to_world([[b.start - 0.5 for b in box]])[0]

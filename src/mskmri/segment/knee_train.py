@@ -85,8 +85,9 @@ EXTRA_SOURCES = {
 #: Coarse network input (voxels at COARSE_SPACING_MM; multiple of 8): random crops of the
 #: whole coarse volume (56 x 70 x 70 voxels for an OAI map), run as a sliding window at inference.
 COARSE_PATCH = (48, 64, 64)
-#: Fine network patch (voxels at FINE_SPACING_MM; multiple of 16; 51 mm at 0.8 mm).
-FINE_PATCH = (64, 64, 64)
+#: Fine network patch (voxels at FINE_SPACING_MM; multiple of 16; 38 mm at 0.8 mm): small
+#: enough for many steps on one CPU core, large enough for the joint's local anatomy.
+FINE_PATCH = (48, 48, 48)
 #: Probability that a fine patch is centred on a voxel of a class drawn with
 #: :data:`CLASS_SAMPLING_WEIGHTS` (otherwise on a uniformly random voxel).
 FOREGROUND_PROBABILITY = 0.8
@@ -105,7 +106,7 @@ FLIP_PROBABILITY = 0.5
 #: Probability that a patch's intensities are replaced by random per-class intensities
 #: (SynthSeg-style domain randomisation; background keeps the rendered image, rescaled), so
 #: the model does not learn the renderer's contrast tables.
-RELABEL_PROBABILITY = 0.3
+RELABEL_PROBABILITY = 0.2
 #: Per-class intensity std (normalised units) drawn up to this in the relabelled patches.
 RELABEL_STD_MAX = 0.08
 #: Intensity augmentation of every patch: log-normal sigma of the gamma and of the contrast
