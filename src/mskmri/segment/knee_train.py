@@ -558,7 +558,8 @@ class FineDataset(_CacheDataset):
             w = _CLASS_WEIGHT[classes]
             cls = int(rng.choice(classes, p=w / w.sum()))
             pos = centres[cls]
-            centre = np.unravel_index(int(pos[int(rng.integers(pos.size))]), lab.shape)
+            flat = int(pos[int(rng.integers(pos.size))])
+            centre: tuple[int, ...] = tuple(int(v) for v in np.unravel_index(flat, lab.shape))
         else:
             centre = tuple(int(rng.integers(s)) for s in lab.shape)
         start = [int(c) - p // 2 for c, p in zip(centre, self.patch, strict=True)]
