@@ -36,7 +36,8 @@ Usage::
     .venv/bin/python benchmarks/pretraining.py [--quick] [--pretrain [--ship]] [--workers N]
 
 writes ``benchmarks/results/pretraining.json`` and ``pretraining.png``; ``--ship`` also saves
-the newly pretrained encoder as the registered model ``pretrain-encoder-2d``.
+the newly pretrained encoder as the registered model ``pretrain-encoder-2d``; ``--refresh`` only
+recomputes the summaries (per-site Dice) and the figure of an existing result from its runs.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ import platform  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import textwrap  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -336,8 +338,8 @@ def _figure(doc: dict[str, Any], path: Path) -> None:
         ax.set_xticklabels([str(v) for v in x])
         ax.set_xlabel("labelled volumes")
         ax.set_ylabel("3-D Dice on held-out volumes")
-        ax.set_title(t["task"] + ("" if doc.get("complete", True) else " [partial]"),
-                     fontsize=8)
+        title = t["task"] + ("" if doc.get("complete", True) else " [partial]")
+        ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=8)
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -376,6 +378,7 @@ def refresh(path: Path) -> dict[str, Any]:
         if t["task"].startswith("vertebral-body"):
             for b in t["budgets"]:
                 b["by_site"] = site_breakdown(doc.get("runs", []), b["labelled_volumes"])
+    doc["summaries_refreshed"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     atomic_write_json(path, doc)
     _figure(doc, path.with_suffix(".png"))
     return doc

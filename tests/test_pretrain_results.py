@@ -63,3 +63,22 @@ def test_shipped_encoder_loads_into_the_experiment_network() -> None:
     # No evaluation exam of the vertebral-body task was pretrained on.
     names = " ".join(d["name"] for d in card.training_data)
     assert not any(e in names for e in card.extra["spine_eval_excluded"])
+
+
+def test_run_is_complete_and_its_recipe_recorded(doc: dict) -> None:
+    assert doc.get("complete", True), "the committed result is a partial (interrupted) run"
+    s = doc["settings"]
+    assert s["finetune_steps"] >= 1 and s["finetune_choice"], "say how the steps were chosen"
+    # Every (task, budget, arm, seed) appears once in the raw runs.
+    keys = [(r["task"], r["budget"], r["arm"], r["seed"]) for r in doc.get("runs", [])]
+    assert len(keys) == len(set(keys))
+
+
+def test_effusion_renders_are_fluid_sensitive(doc: dict) -> None:
+    knee = [t for t in doc["tasks"] if "effusion" in t["task"]]
+    assert knee, "the knee effusion task is missing"
+    vols = knee[0]["volumes"]
+    names = set(knee[0]["eval_volumes"]) | set(knee[0]["train_pool"])
+    assert names <= set(vols)
+    assert {vols[n]["contrast"] for n in names} <= set(doc["settings"]["knee_contrasts"])
+    assert "random" not in doc["settings"]["knee_contrasts"]
