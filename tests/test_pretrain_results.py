@@ -82,3 +82,15 @@ def test_effusion_renders_are_fluid_sensitive(doc: dict) -> None:
     assert names <= set(vols)
     assert {vols[n]["contrast"] for n in names} <= set(doc["settings"]["knee_contrasts"])
     assert "random" not in doc["settings"]["knee_contrasts"]
+
+
+def test_shipped_encoder_card_quotes_these_results(doc: dict) -> None:
+    """The encoder's model card carries the committed experiment's gains, not older ones."""
+    card = Path(__file__).resolve().parents[1] / "src" / "mskmri" / "weights" / \
+        "pretrain-encoder-2d.json"
+    quoted = json.loads(card.read_text(encoding="utf-8"))["validation"][
+        "relative_dice_gain_over_scratch"]
+    for b in doc["tasks"][0]["budgets"]:
+        scratch = sum(b["scratch_dice"]) / len(b["scratch_dice"])
+        pre = sum(b["pretrained_dice"]) / len(b["pretrained_dice"])
+        assert quoted[str(b["labelled_volumes"])] == pytest.approx(pre / scratch - 1, abs=2e-3)
