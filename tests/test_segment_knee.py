@@ -371,8 +371,12 @@ def test_cli_segments_the_phantom_with_the_shipped_weights(tmp_path: Path,
     out = tmp_path / "seg.nii.gz"
     monkeypatch.setenv("MSKMRI_CACHE_DIR", str(tmp_path / "cache"))
     assert main(["segment", "knee", str(src), str(out)]) == 0
-    # the default backend is ONNX Runtime, exported once per weight file into the cache
+    # the default backend is torch with bf16 autocast: nothing is exported
+    assert not list((tmp_path / "cache" / "onnx").glob("knee-seg-*.onnx"))
+    # ONNX Runtime on request: exported once per weight file into the cache, same geometry
+    onnx_lab = K.segment_knee(img, backend="onnx")
     assert len(list((tmp_path / "cache" / "onnx").glob("knee-seg-*.onnx"))) == 2
+    assert onnx_lab.shape == img.shape
     lab = read_labels(out, schema="knee", labels=KNEE)
     assert lab.shape == img.shape and np.allclose(lab.affine, img.affine, atol=1e-4)
     assert set(lab.present_values()) <= set(KNEE)

@@ -313,10 +313,11 @@ class KneeSegmentation:
 
 
 #: Default backend and precision, chosen by benchmarks/knee_segmentation.py as the fastest
-#: that keeps >= 99.5 % of the fp32 labels on this 2-core CPU (160x384x384: fp32 42.5 s,
-#: bf16 18.2 s with 99.87 % agreement, ONNX Runtime 11.7 s with 99.998 %). The ONNX export
-#: of a shipped model is made once and kept in :func:`onnx_cache_dir`.
-DEFAULT_BACKEND = "onnx"
+#: that keeps >= 99.5 % of the fp32 labels on this 2-core CPU (160x384x384 with the
+#: 2026-11-21 models, load ~1.8: torch fp32 20.5 s, bf16 autocast 11.1 s with 99.93 %
+#: agreement, ONNX Runtime 19.0 s). ONNX exports of shipped models are made once and kept
+#: in :func:`onnx_cache_dir` when ``backend="onnx"`` is asked for.
+DEFAULT_BACKEND = "torch"
 #: Precision of the torch backend (ONNX Runtime always runs fp32).
 DEFAULT_PRECISION = "bf16"
 #: Window overlap of the sliding-window inferer (fraction of the patch).

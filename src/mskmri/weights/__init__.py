@@ -52,22 +52,24 @@ class ModelEntry:
 
 
 _KNEE_SEG_CAVEAT = (
-    "the shipped knee segmentation model is an experimental first checkpoint (58 min of CPU "
-    "training; held-out mean Dice: bones 0.11, cartilage 0.00, menisci 0.00; see "
-    "benchmarks/results/knee_segmentation.json): its labels and every measurement made from them "
-    "are NOT trustworthy; pass a segmentation with --seg or train a model with `mskmri train "
-    "knee-seg`"
+    "the shipped knee segmentation model is a short CPU training run (coarse 1100 and fine "
+    "2950 steps on one shared thread) far from the issue-3 targets: held-out mean Dice bones "
+    "0.63 (femur 0.91, tibia 0.84, patella 0.78, fibula 0.00), cartilage 0.26, menisci 0.11, "
+    "ligaments about 0 (benchmarks/results/knee_segmentation.json): bone and muscle volumes are "
+    "rough, cartilage thickness, meniscal, ligament and effusion numbers are NOT trustworthy; "
+    "pass a segmentation with --seg or continue `mskmri train knee-seg --resume` on a GPU"
 )
 
 #: Public model name -> entry. Filled by the issues that train and ship each model.
 MODELS: dict[str, ModelEntry] = {
     "knee-seg-coarse": ModelEntry(
         "knee-seg-coarse.safetensors", "knee-seg",
-        "knee: coarse 3-D U-Net at 2 mm (finds the knee region; first short CPU training)",
+        "knee: coarse 3-D U-Net at 2 mm (finds the knee region, confirms the fine network's "
+        "large classes; 1100 CPU steps)",
         caveat=_KNEE_SEG_CAVEAT),
     "knee-seg-fine": ModelEntry(
         "knee-seg-fine.safetensors", "knee-seg",
-        "knee: fine 3-D U-Net at 0.8 mm, 17 classes (first short CPU training)",
+        "knee: fine 3-D U-Net at 0.8 mm, 17 classes (2950 CPU steps)",
         caveat=_KNEE_SEG_CAVEAT),
 }
 
