@@ -11,9 +11,12 @@ Pipeline of :func:`segment_knee` (METHODS.md section 3, issue 3):
    field of view is used);
 3. fine: only that region is resampled to :data:`FINE_SPACING_MM` (isotropic, near the
    in-plane resolution of clinical knee sequences) and a second U-Net labels it with the
-   sliding-window inferer (:mod:`mskmri.nn.inference`), bf16 autocast by default;
-4. the fine labels are resampled (nearest neighbour) back onto the input grid; voxels
-   outside the region are background.
+   sliding-window inferer (:mod:`mskmri.nn.inference`), bf16 autocast by default; its
+   large classes (bones, muscle, fat pad, background) are kept only where the coarse
+   labels confirm them (:func:`fuse_with_coarse`), thin ones are its own;
+4. the fine labels are brought back onto the input grid: smoothly (:func:`labels_to_grid`)
+   around cartilage and menisci, by nearest neighbour elsewhere; voxels outside the region
+   are background.
 
 The result is a :class:`~mskmri.volume.LabelVolume` in the input geometry (same shape and
 affine), schema ``"knee"``, with warnings (``meta["warnings"]``) when the image looks far
