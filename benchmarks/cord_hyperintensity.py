@@ -44,13 +44,15 @@ import argparse  # noqa: E402
 import datetime as _dt  # noqa: E402
 import logging  # noqa: E402
 import platform  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import git_commit  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 log = logging.getLogger("cord-benchmark")
@@ -340,13 +342,6 @@ def summarise(rows: list[dict[str, Any]], rule: dict[str, dict[str, bool]] | Non
     return out
 
 
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -452,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "nice -n 5 .venv/bin/python benchmarks/cord_hyperintensity.py"
                    + (" --quick" if args.quick else "")
                    + (f" --model {args.model}" if args.model != "cord-mae" else ""),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs (shared with other jobs: "
                    f"timings are upper bounds), python {platform.python_version()}, "
                    f"torch {torch.__version__} CPU 1 thread",

@@ -45,13 +45,15 @@ import argparse
 import datetime as dt
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import git_commit  # noqa: E402
 
 from mskmri.io import atomic_write_json
 from mskmri.labels import U2AD, is_disc, is_vertebra
@@ -200,13 +202,6 @@ def _card(model: str) -> Any:
     return read_card(resolve_weights(model)[0])
 
 
-def _git_commit(root: Path) -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
 
 def _mean_abs(xs: list[float]) -> float | None:
     return _r(float(np.mean(np.abs(xs)))) if xs else None
@@ -287,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                     "cpus": os.cpu_count(), "torch_threads": args.threads,
                     "python": platform.python_version(), "note": "2 CPU cores shared with "
                     "other jobs: timings are upper bounds"},
-        "git_commit": _git_commit(Path(__file__).resolve().parents[1]),
+        "git_commit": git_commit(),
         "models": {f: {"path": models[f], "sha256": c.sha256, "command": c.command,
                        "u2ad_trained": sorted(trained[f])} for f, c in cards.items()},
         "targets": {"cobb_C2_C7_abs_diff_deg": TARGET_COBB_DEG,

@@ -34,7 +34,6 @@ import argparse
 import datetime as dt
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import git_commit  # noqa: E402
 from _spine_reference import reference_bodies, reference_cobb  # noqa: E402
 
 from mskmri.io import atomic_write_json, read  # noqa: E402
@@ -238,13 +238,6 @@ def run_sct(data: Path) -> dict[str, Any]:
             "note": "slices whose level label spans two levels count for both"}
 
 
-def _git_commit(root: Path) -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -264,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"node": platform.node(), "platform": platform.platform(),
                     "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "python": platform.python_version()},
-        "git_commit": _git_commit(Path(__file__).resolve().parents[1]),
+        "git_commit": git_commit(),
         "targets": {"median_height_abs_diff_mm": TARGET_MEDIAN_HEIGHT_DIFF_MM,
                     "cobb_L1_L5_abs_diff_deg": TARGET_COBB_DIFF_DEG},
         "definitions": "see the module docstring of mskmri.measure.spine; reference: "

@@ -32,13 +32,15 @@ import argparse
 import datetime as dt
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import git_commit  # noqa: E402
 
 from mskmri.io import atomic_write_json, read, read_labels  # noqa: E402
 from mskmri.labels import VERTEBRA_ID, get_source, is_vertebra, spine_labels_for  # noqa: E402
@@ -170,13 +172,6 @@ def _summary(exams: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "exams_with_anatomical_levels": sum(not e["ordinal"] for e in exams.values())}
 
 
-def _git_commit(root: Path) -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -206,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                     "cpus": os.cpu_count(), "torch_threads": args.threads,
                     "python": platform.python_version(), "note": "2 CPU cores shared with "
                     "other jobs: timings are upper bounds"},
-        "git_commit": _git_commit(Path(__file__).resolve().parents[1]),
+        "git_commit": git_commit(),
         "model": {"name": card.name, "sha256": card.sha256, "command": card.command,
                   "validation": card.validation},
         "split": sd.SPLIT,

@@ -33,13 +33,15 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import git_commit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,13 +79,6 @@ C_GRID: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0)
 #: The paper's macro-F1 on VerSe CT.
 PAPER_MACRO_F1 = 0.723
 
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def _machine() -> dict[str, Any]:
@@ -339,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         "schema": "mskmri/benchmark/vertebra_grading/1",
         "command": " ".join(["python", *sys.argv]),
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": _machine(), "git_commit": _git_commit(),
+        "machine": _machine(), "git_commit": git_commit(),
         "split": {"svm": {k: list(v) for k, v in SVM_EXAMS.items()},
                   "test": {k: list(v) for k, v in TEST_EXAMS.items()},
                   "painter_training": "segmentation train exams + VerSe 0007 + U2AD clinical"},
