@@ -232,8 +232,9 @@ def test_report_loads_cleanly_with_tables_and_images(reports: dict[str, Path], p
                   if m["name"] == "volume" and m.get("structure") == "femur")
         assert float(femur["cells"][1].replace(",", "")) == pytest.approx(ml, rel=0.01)
     else:
-        # the phantom has no discs and no cord: listed as not measured, with reasons
-        assert state["notMeasured"] >= 2
+        # the phantom has no cord: listed as not measured, with its reason (its bodies are
+        # graded, its disc heights measured between the bodies)
+        assert state["notMeasured"] >= 1
         l3 = next(r for r in state["rows"] if r["key"] == "middle_height.L3")
         assert float(l3["cells"][1]) == pytest.approx(27.0, abs=1.0)
 

@@ -415,7 +415,11 @@ def test_analyze_spine_with_a_dicom_folder_writes_seg_and_sr(tmp_path):
     doc = json.loads((tmp_path / "out" / "measurements.json").read_text(encoding="utf-8"))
     written = [m for m in doc["measurements"] if m["value"] is not None]
     got = read_sr_measurements(tmp_path / "out" / SR_FILE)
-    assert [g["value"] for g in got] == pytest.approx([m["value"] for m in written], rel=1e-9)
+    # the SR groups measurements by structure, so compare them by (name, structure)
+    by_key = {(g["name"], g["group"]): g["value"] for g in got}
+    assert len(by_key) == len(got) == len(written)
+    for m in written:
+        assert by_key[(m["name"], m.get("structure"))] == pytest.approx(m["value"], rel=1e-9), m
     heights = [g for g in got if g["name"] == "middle_height"]
     assert [(g["group"], g["value"], g["unit"], g["segment_number"]) for g in heights] == [
         ("L1", 16.0, "mm", 1), ("L2", 16.0, "mm", 2), ("L3", 16.0, "mm", 3)]
