@@ -175,13 +175,14 @@ def run(n: int, work: Path, meshes: bool) -> dict[str, Any]:
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": _machine(),
-        "note": ("The 2 cores were shared with other helpers' jobs while this ran (see the "
-                 "load averages): every timing is an upper bound, and the 2-worker speed-up "
-                 "is limited by what the other jobs left free (compare mean_study_s, the wall "
-                 "time of one study, with mean_study_cpu_s, its CPU time). Studies are analysed from their "
-                 "truth label maps (--seg/--lesions), so the timings cover the cohort machinery "
-                 "and the analysis (measurements, meshes, 3-D views, report), not the "
-                 "segmentation network."),
+        "note": ("Read the load averages recorded with each run: above about 1 on this "
+                 "2-core machine, other jobs shared the cores, every timing is an upper bound "
+                 "and the 2-worker speed-up is limited by what the other jobs left free "
+                 "(compare mean_study_s, the wall time of one study, with mean_study_cpu_s, "
+                 "its CPU time). Studies are analysed from their truth label maps "
+                 "(--seg/--lesions), so the timings cover the cohort machinery and the "
+                 "analysis (measurements, meshes, 3-D views, report), not the segmentation "
+                 "network."),
         "cohort": {"n": n, "groups": {"normal": (n + 1) // 2, "oa": n // 2},
                    "phantom_grid": "64x96x96 at 1.5x1.25x1.25 mm (default phantom)",
                    "normal_effusion_ml": NORMAL_EFFUSION_ML, "oa_effusion_ml": OA_EFFUSION_ML,
