@@ -116,17 +116,24 @@ def _target(target: float, value: float | None) -> dict[str, Any]:
     return {"target": target, "value": value, "met": value is not None and value >= target}
 
 
+def held_out_maps(subjects: int) -> list[str]:
+    """The first label map (first time point) of each of the first ``subjects`` validation
+    subjects of the knee-seg split (sorted by subject), never seen in training."""
+    from mskmri.segment.knee_train import subject_split
+    from mskmri.synth.sources import subject_of
+
+    firsts: dict[str, str] = {}
+    for p in subject_split()["val"]:
+        firsts.setdefault(subject_of(p), p)
+    return [firsts[s] for s in sorted(firsts)][:subjects]
+
+
 def held_out(seg: Any, subjects: int, contrasts: list[str]) -> dict[str, Any]:
     """Per-class Dice/HD95 on renders of held-out subjects, one per contrast."""
-    from mskmri.segment.knee_train import subject_split
     from mskmri.synth.render import render
-    from mskmri.synth.sources import load_knee_source, subject_of
+    from mskmri.synth.sources import load_knee_source
 
-    split = subject_split()
-    firsts: dict[str, str] = {}
-    for p in split["val"]:
-        firsts.setdefault(subject_of(p), p)
-    chosen = [firsts[s] for s in sorted(firsts)][:subjects]
+    chosen = held_out_maps(subjects)
     cases = []
     for path in chosen:
         src = load_knee_source(path)
@@ -209,15 +216,10 @@ def foreign_image(scene: Any, seed: int) -> tuple[Any, dict[str, Any]]:
 
 def foreign(seg: Any, subjects: int, per_subject: int) -> dict[str, Any]:
     """Dice on held-out maps imaged by the foreign intensity model (:func:`foreign_image`)."""
-    from mskmri.segment.knee_train import subject_split
     from mskmri.synth.anatomy import complete_knee
-    from mskmri.synth.sources import load_knee_source, subject_of
+    from mskmri.synth.sources import load_knee_source
 
-    split = subject_split()
-    firsts: dict[str, str] = {}
-    for p in split["val"]:
-        firsts.setdefault(subject_of(p), p)
-    chosen = [firsts[s] for s in sorted(firsts)][:subjects]
+    chosen = held_out_maps(subjects)
     cases = []
     for path in chosen:
         src = load_knee_source(path)
