@@ -442,6 +442,13 @@ class TrainTask:
 #: (knee-seg, spine-seg, inpaint, mkd, mae, pretrain); the parser reads this table.
 TRAIN_TASKS: dict[str, TrainTask] = {}
 
+#: ``--threads``, shared by every training task.
+THREADS_OPTION = TrainOption(("--threads",), {"type": int, "help": "torch CPU threads"})
+#: ``--data`` of the tasks that read ``shared/data/spine``.
+SPINE_DATA_OPTION = TrainOption(("--data",), {
+    "metavar": "DIR", "help": "shared data folder holding spine/ (default: the configured "
+    "shared data)"})
+
 TRAIN_TASKS["pretrain"] = TrainTask(
     name="pretrain",
     help="self-supervised pretraining of the U-Net encoder by distortion restoration "
@@ -476,9 +483,8 @@ TRAIN_TASKS["spine-seg"] = TrainTask(
          "(real, partially labelled sources; marginal loss)",
     entry="mskmri.segment.spine_train:run",
     options=(
-        TrainOption(("--data",), {"metavar": "DIR", "help": "shared data folder holding "
-                                  "spine/ (default: the configured shared data)"}),
-        TrainOption(("--threads",), {"type": int, "help": "torch CPU threads"}),
+        SPINE_DATA_OPTION,
+        THREADS_OPTION,
         TrainOption(("--u2ad-fold",), {"choices": ["a", "b", "none"],
                                        "help": "U2AD slices trained on (default a; see "
                                                "segment._spine_data.U2AD_FOLDS)"}),
@@ -506,7 +512,7 @@ TRAIN_TASKS["knee-seg"] = TrainTask(
                                    "help": "which network to train (both)"}),
         TrainOption(("--coarse-steps",), {"type": int, "help": "steps of the coarse network "
                                           "(default steps/4)"}),
-        TrainOption(("--threads",), {"type": int, "help": "torch CPU threads"}),
+        THREADS_OPTION,
     ),
     defaults={"steps": 20000, "batch_size": 2, "lr": 2e-3, "val_every": 500,
               "checkpoint_every": 100, "seed": 0, "workers": 1},
@@ -527,7 +533,7 @@ TRAIN_TASKS["inpaint"] = TrainTask(
         TrainOption(("--width",), {"type": int, "help": "channels after the stem (16)"}),
         TrainOption(("--blocks",), {"type": int, "help": "residual FFC blocks (3)"}),
         TrainOption(("--name",), {"help": "model name in the card (bml-inpaint)"}),
-        TrainOption(("--threads",), {"type": int, "help": "torch CPU threads"}),
+        THREADS_OPTION,
     ),
     defaults={"steps": 3000, "batch_size": 8, "lr": 1e-3, "schedule": "cosine",
               "checkpoint_every": 100, "seed": 0},
@@ -548,7 +554,7 @@ TRAIN_TASKS["mkd"] = TrainTask(
         TrainOption(("--val-renders",), {"type": int, "help": "validation renders for the "
                                          "threshold (2; 0: no calibration)"}),
         TrainOption(("--name",), {"help": "model name in the card (bml-mkd)"}),
-        TrainOption(("--threads",), {"type": int, "help": "torch CPU threads"}),
+        THREADS_OPTION,
     ),
     defaults={"steps": 1500, "batch_size": 8, "lr": 1e-3, "schedule": "cosine",
               "checkpoint_every": 100, "seed": 0, "device": "cpu"},
@@ -560,14 +566,13 @@ TRAIN_TASKS["vertebra-inpaint"] = TrainTask(
          "(real spine label maps; used by fracture grading, mskmri.measure.grading)",
     entry="mskmri.anomaly.vertebra_inpaint:run",
     options=(
-        TrainOption(("--data",), {"metavar": "DIR", "help": "shared data folder holding "
-                                  "spine/ (default: the configured shared data)"}),
+        SPINE_DATA_OPTION,
         TrainOption(("--sections",), {"type": int, "help": "augmented training sections "
                                       "(4000)"}),
         TrainOption(("--width",), {"type": int, "help": "channels after the stem (16)"}),
         TrainOption(("--blocks",), {"type": int, "help": "residual FFC blocks (3)"}),
         TrainOption(("--name",), {"help": "model name in the card (vertebra-inpaint)"}),
-        TrainOption(("--threads",), {"type": int, "help": "torch CPU threads"}),
+        THREADS_OPTION,
     ),
     defaults={"steps": 2000, "batch_size": 16, "lr": 2e-3, "schedule": "cosine",
               "checkpoint_every": 100, "seed": 0, "device": "cpu"},
@@ -580,12 +585,11 @@ TRAIN_TASKS["mae"] = TrainTask(
          "healthy cords only (SCT T2 + U2AD public slices); calibrates its z threshold",
     entry="mskmri.anomaly.mae_train:run",
     options=(
-        TrainOption(("--data",), {"metavar": "DIR", "help": "shared data folder holding "
-                                  "spine/ (default: the configured shared data)"}),
+        SPINE_DATA_OPTION,
         TrainOption(("--dim",), {"type": int, "help": "encoder width (128)"}),
         TrainOption(("--depth",), {"type": int, "help": "encoder layers (4)"}),
         TrainOption(("--name",), {"help": "model name in the card (cord-mae)"}),
-        TrainOption(("--threads",), {"type": int, "help": "torch CPU threads"}),
+        THREADS_OPTION,
     ),
     defaults={"steps": 2000, "batch_size": 16, "lr": 5e-4, "schedule": "cosine",
               "warmup_steps": 100, "checkpoint_every": 200, "seed": 0, "device": "cpu",
