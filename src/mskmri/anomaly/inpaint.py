@@ -400,6 +400,34 @@ def femur_work_crop(arr: np.ndarray, fem: np.ndarray, spacing: Sequence[float],
     return box, (crop_w / med).astype(np.float32), fem_w, med
 
 
+def check_bml_inputs(image: Volume, seg: LabelVolume) -> float:
+    """Check the inputs of a BML detector (either method) and return the femur volume (mL).
+
+    Raises
+    ------
+    BmlDetectionError
+        Unknown geometry, a 2-D image, a segmentation on another grid, or no femur (label 1
+        under :data:`MIN_FEMUR_ML`).
+    """
+    from mskmri.errors import GeometryError
+
+    try:
+        image.require_geometry("BML detection")
+    except GeometryError as exc:
+        raise BmlDetectionError(str(exc)) from exc
+    if image.array.ndim != 3:
+        raise BmlDetectionError(f"BML detection needs a 3-D image, not shape {image.array.shape}")
+    if not image.same_geometry(seg):
+        raise BmlDetectionError(f"the segmentation {seg.shape} is not on the image's grid "
+                                f"{image.shape}; resample it onto the image first")
+    femur_ml = int(femur_mask_of(seg).sum()) * image.voxel_volume_mm3 / 1000.0
+    if femur_ml < MIN_FEMUR_ML:
+        raise BmlDetectionError(f"no femur in the segmentation ({femur_ml:.2f} mL of label 1, "
+                                f"need >= {MIN_FEMUR_ML} mL); give a knee label map with the "
+                                "femur as label 1")
+    return femur_ml
+
+
 def detect_bml(image: Volume, seg: LabelVolume, *, painter: Painter | None = None,
                config: DetectConfig | None = None, contrast: str = "auto",
                threshold: float | None = None) -> BmlResult:
@@ -430,28 +458,12 @@ def detect_bml(image: Volume, seg: LabelVolume, *, painter: Painter | None = Non
     BmlDetectionError
         Unknown geometry, other grids, no femur (or one under :data:`MIN_FEMUR_ML`).
     """
-    from mskmri.errors import GeometryError
-
     t0 = time.perf_counter()
     cfg = config or DetectConfig()
     if threshold is not None:
         cfg = DetectConfig(**{**asdict(cfg), "postprocess": PostprocessConfig(
             **{**cfg.postprocess.to_dict(), "threshold": float(threshold)})})
-    try:
-        image.require_geometry("BML detection")
-    except GeometryError as exc:
-        raise BmlDetectionError(str(exc)) from exc
-    if image.array.ndim != 3:
-        raise BmlDetectionError(f"BML detection needs a 3-D image, not shape {image.array.shape}")
-    if not image.same_geometry(seg):
-        raise BmlDetectionError(f"the segmentation {seg.shape} is not on the image's grid "
-                                f"{image.shape}; resample it onto the image first")
-    femur_vox = int(femur_mask_of(seg).sum())
-    femur_ml = femur_vox * image.voxel_volume_mm3 / 1000.0
-    if femur_ml < MIN_FEMUR_ML:
-        raise BmlDetectionError(f"no femur in the segmentation ({femur_ml:.2f} mL of label 1, "
-                                f"need >= {MIN_FEMUR_ML} mL); give a knee label map with the "
-                                "femur as label 1")
+    femur_ml = check_bml_inputs(image, seg)
     orig_codes = "".join(image.orientation)
     img_r = image.reorient("RAS")
     seg_r = seg.reorient("RAS")

@@ -44,13 +44,13 @@ from scipy import ndimage
 from mskmri.anomaly.inpaint import (
     CROP_MARGIN_MM,
     DESS_WARNING,
-    MIN_FEMUR_ML,
     SENSITIVE_CONTRASTS,
     UNKNOWN_CONTRAST_WARNING,
     BmlDetectionError,
     BmlResult,
     _robust_scale,
     bml_result,
+    check_bml_inputs,
     femur_mask_of,
     femur_work_crop,
     guess_contrast,
@@ -369,7 +369,6 @@ def detect_bml_mkd(image: Volume, seg: LabelVolume, *, scorer: Any = None,
     BmlDetectionError
         Unknown geometry, other grids, no femur.
     """
-    from mskmri.errors import GeometryError
 
     t0 = time.perf_counter()
     cfg = config or MkdConfig()
@@ -378,20 +377,7 @@ def detect_bml_mkd(image: Volume, seg: LabelVolume, *, scorer: Any = None,
     if level is not None:
         cfg = MkdConfig(crop_margin_mm=cfg.crop_margin_mm, postprocess=PostprocessConfig(
             **{**cfg.postprocess.to_dict(), "threshold": float(level)}))
-    try:
-        image.require_geometry("BML detection")
-    except GeometryError as exc:
-        raise BmlDetectionError(str(exc)) from exc
-    if image.array.ndim != 3:
-        raise BmlDetectionError(f"BML detection needs a 3-D image, not shape {image.array.shape}")
-    if not image.same_geometry(seg):
-        raise BmlDetectionError(f"the segmentation {seg.shape} is not on the image's grid "
-                                f"{image.shape}; resample it onto the image first")
-    femur_ml = int(femur_mask_of(seg).sum()) * image.voxel_volume_mm3 / 1000.0
-    if femur_ml < MIN_FEMUR_ML:
-        raise BmlDetectionError(f"no femur in the segmentation ({femur_ml:.2f} mL of label 1, "
-                                f"need >= {MIN_FEMUR_ML} mL); give a knee label map with the "
-                                "femur as label 1")
+    femur_ml = check_bml_inputs(image, seg)
     orig_codes = "".join(image.orientation)
     img_r, seg_r = image.reorient("RAS"), seg.reorient("RAS")
     arr = np.asarray(img_r.array, dtype=np.float32)
