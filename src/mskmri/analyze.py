@@ -31,6 +31,9 @@ holds:
                            measurements, lesion table, what was not measured, methods and
                            models, provenance with input checksums
 ``report.pdf``             the same report printed by headless Chromium (``--pdf`` only)
+``segmentation.dcm``       DICOM SEG of the labels and lesions, on and referencing the
+                           source series (DICOM input only; :mod:`mskmri.report.dicom_out`)
+``measurements_sr.dcm``    DICOM SR (TID 1500) of ``measurements.json`` (DICOM input only)
 ``manifest.json``          ``mskmri/manifest/1``, kind ``analysis``: command, options,
                            versions, timings, input checksums, size and SHA-256 of every
                            output

@@ -1,13 +1,15 @@
 """``mskmri analyze spine IMAGE --out DIR [--seg SEG]``: segmentation, measurements, report.
 
-Steps: read the image; segment the vertebral bodies (:func:`mskmri.segment.spine.segment_spine`)
-unless a label map is given with ``--seg``; measure it with
+Steps: read the image; segment the vertebral bodies, discs, cord and CSF
+(:func:`mskmri.segment.spine.segment_spine`) unless a label map is given with ``--seg``;
+measure it with
 :func:`mskmri.measure.spine.analyse_spine` (the ``mskmri/measurements/1`` contract); write
 ``segmentation.nii.gz`` (+ sidecar), ``measurements.json``, ``spine_measurements.png`` (the
 measurements drawn on the image), ``report.html`` (warnings, study without patient
 identifiers unless ``--include-phi``, quality checks, drawing, overlays, 3-D views, table,
-what was not measured, methods and models, provenance), ``report.pdf`` with ``--pdf``, and
-``analysis.json`` (command, versions, timings, input checksums, files with sha256). DIR must
+what was not measured, methods and models, provenance), ``report.pdf`` with ``--pdf``,
+``segmentation.dcm`` (DICOM SEG) and ``measurements_sr.dcm`` (DICOM SR, TID 1500) for DICOM
+input (:mod:`mskmri.report.dicom_out`), and ``analysis.json`` (command, versions, timings, input checksums, files with sha256). DIR must
 not exist unless ``--overwrite`` (:func:`mskmri.analyze.check_out_dir`). DIR is written
 atomically: everything goes to a temporary folder that is renamed to DIR at the end, so a
 failure leaves no partial output (and a previous analysis in DIR stays as it was).
