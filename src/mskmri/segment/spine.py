@@ -12,8 +12,9 @@ Pipeline
 3. Post-processing (:func:`body_instances`, :func:`assign_levels`): the network gives
    "vertebral body" and "sacrum" (S1 body). Bodies are split into instances by a watershed
    from seeds deeper than :data:`SEED_DEPTH_MM` inside the mask (thin false bridges across a
-   disc are cut), small fragments and regions off the column are dropped, and instances are
-   numbered from the top. Levels are named from anatomy when the sacrum can be told: a sacrum
+   disc are cut), small fragments, regions off the column and lateral fragments that do not
+   reach the column's mid-sagittal plane (:data:`MIDLINE_TOLERANCE_MM`; every vertebral body
+   crosses it) are dropped, and instances are numbered from the top. Levels are named from anatomy when the sacrum can be told: a sacrum
    component of at least :data:`MIN_SACRUM_FRACTION` of the median body size whose top lies
    below the lowest body's centroid and within :data:`SACRUM_MAX_GAP_MM` of it; the lowest
    body is then L5 and the bodies above are L4, L3, ... (assumes no transitional vertebra).
@@ -115,6 +116,12 @@ MERGED_BODY_RATIO = 1.6
 #: part of the vertebral column (posterior elements, bowel, ...) and is dropped.
 COLUMN_MAX_OFFSET_MM = 25.0
 COLUMN_WINDOW_MM = 70.0
+#: Midline rule: every vertebral body crosses the mid-sagittal plane of the column. An instance
+#: whose left-right extent (voxel edges) stays farther than this (mm) from the column's local
+#: midline (the volume-weighted median left-right centroid of the instances within
+#: +-:data:`COLUMN_WINDOW_MM` S-I) is a lateral fragment (e.g. the lateral rim of a disc or a
+#: pedicle taken for bone on the outer slices) and is dropped.
+MIDLINE_TOLERANCE_MM = 2.0
 #: Label values of the level-naming rule.
 LEVEL_SOURCE_ANATOMY = "anatomy: sacrum below the lowest lumbar body (lowest body = L5)"
 LEVEL_SOURCE_C2 = "anatomy: C2 (tall top body with the dens, not cut, no disc above)"
@@ -261,8 +268,11 @@ def body_instances(classes: LabelVolume) -> tuple[np.ndarray, list[str]]:
     distance in mm, so anisotropic voxels are handled); each body voxel joins the seed it
     reaches first by a watershed on the distance map, so bodies touched by a thin false
     bridge across a disc are still told apart. Instances smaller than
-    :data:`MIN_INSTANCE_FRACTION` of the median and those off the column
-    (:data:`COLUMN_MAX_OFFSET_MM`) are dropped with a warning.
+    :data:`MIN_INSTANCE_FRACTION` of the median, those off the column
+    (:data:`COLUMN_MAX_OFFSET_MM`) and those whose left-right extent does not reach the
+    column's local midline (:data:`MIDLINE_TOLERANCE_MM`: e.g. the lateral rims of a disc
+    taken for bone on the outer slices, which the size and column rules keep) are dropped with
+    a warning.
 
     Parameters
     ----------
@@ -315,7 +325,13 @@ def body_instances(classes: LabelVolume) -> tuple[np.ndarray, list[str]]:
     if off_column:
         warnings.append(f"{len(off_column)} body-like region(s) off the vertebral column "
                         f"(> {COLUMN_MAX_OFFSET_MM:.0f} mm from its neighbours) dropped")
-    keep = sorted((v for v in keep if v not in off_column), key=lambda v: -s_pos[v])
+    keep = [v for v in keep if v not in off_column]
+    lateral = _lateral_fragments(inst, keep, classes, s_pos)
+    if lateral:
+        warnings.append(f"{len(lateral)} lateral body-like fragment(s) not reaching the "
+                        f"column's mid-sagittal plane (> {MIDLINE_TOLERANCE_MM:g} mm from it) "
+                        "dropped")
+    keep = sorted((v for v in keep if v not in lateral), key=lambda v: -s_pos[v])
     heights = {}
     for v in keep:
         zs = classes.voxel_to_world(np.argwhere(inst == v)) @ SUPERIOR
@@ -328,6 +344,45 @@ def body_instances(classes: LabelVolume) -> tuple[np.ndarray, list[str]]:
                             f"{heights[v] / med_h:.1f}x the median height: it may be two "
                             "merged bodies")
     return out, warnings
+
+
+def _lateral_fragments(inst: np.ndarray, keep: list[int], classes: LabelVolume,
+                       s_pos: dict[int, float]) -> list[int]:
+    """Instances that do not reach the column's mid-sagittal plane (:data:`MIDLINE_TOLERANCE_MM`).
+
+    Parameters
+    ----------
+    inst : (I, J, K) int ndarray
+        Instance ids on ``classes``' grid.
+    keep : list of int
+        Instances to check.
+    classes : LabelVolume
+        The grid (affine) of ``inst``.
+    s_pos : dict of int to float
+        S-I position (mm) of each instance's centroid.
+
+    Returns
+    -------
+    list of int
+        The lateral fragments. On a single sagittal slice every instance crosses the midline.
+    """
+    from mskmri.measure._geometry import RIGHT, voxel_half_extent
+
+    half = voxel_half_extent(classes.affine, RIGHT)
+    lr: dict[int, np.ndarray] = {
+        v: classes.voxel_to_world(np.argwhere(inst == v)) @ RIGHT for v in keep}
+    lateral = []
+    for v in keep:
+        near = [u for u in keep if abs(s_pos[u] - s_pos[v]) <= COLUMN_WINDOW_MM]
+        cents = np.array([float(lr[u].mean()) for u in near])
+        weights = np.array([float(lr[u].size) for u in near])
+        order = np.argsort(cents)
+        cum = np.cumsum(weights[order])
+        midline = float(cents[order][np.searchsorted(cum, 0.5 * cum[-1])])
+        lo, hi = float(lr[v].min()) - half, float(lr[v].max()) + half
+        if midline < lo - MIDLINE_TOLERANCE_MM or midline > hi + MIDLINE_TOLERANCE_MM:
+            lateral.append(v)
+    return lateral
 
 
 def c2_anchor(out: np.ndarray, ids: list[int], classes: LabelVolume) -> str | None:

@@ -10,8 +10,10 @@ wide, cartilage 2-3 mm thick, or thinner with ``cartilage_scale``), scaled by a 
 per seed.
 
 :func:`phantom_spine` draws a sagittal, T2-like lumbar spine image and its spine-schema truth
-(bodies by level, discs, sacrum, cord, CSF) from rounded boxes on a lordotic curve; optional
-wedge deformities give known anterior/posterior height ratios.
+(bodies by level, discs, sacrum, cord, CSF) from rounded boxes on a lordotic curve, with the
+retroperitoneal fat, psoas, aorta and bowel around the column that a real scan shows (the
+shipped spine model segments it as it does real scans: ``make demo``); optional wedge
+deformities give known anterior/posterior height ratios.
 """
 
 from __future__ import annotations
@@ -195,8 +197,18 @@ SACRAL_CURVE_DEG = 12.0
 SPINE_INTENSITY: dict[str, float] = {
     "air": 0.0, "fat": 0.72, "muscle": 0.22, "viscera": 0.35, "marrow": 0.45,
     "cortex": 0.15, "nucleus": 0.85, "annulus": 0.28, "csf": 0.95, "cord": 0.42,
-    "posterior_elements": 0.38, "ligament": 0.1,
+    "posterior_elements": 0.38, "vessel": 0.08,
 }
+#: Retroperitoneal fat in front of the bodies (mm, before a per-seed factor of 0.7-1.3).
+SPINE_PREVERTEBRAL_FAT_MM = 15.0
+#: Scale (mm, Gaussian sigma) of the bowel/viscera texture.
+SPINE_GUT_TEXTURE_MM = 6.0
+#: Relative amplitude (SD) of the bowel/viscera texture.
+SPINE_GUT_TEXTURE_AMPLITUDE = 0.25
+#: Psoas radius (mm, axial plane) at the top body and at the sacrum (it grows downwards).
+SPINE_PSOAS_RADIUS_MM = (6.0, 22.0)
+#: Aorta radius (mm); it runs in front of the bodies, left of the midline, down to L4.
+SPINE_AORTA_RADIUS_MM = 9.0
 #: Image noise (SD, fraction of the CSF intensity) and bias-field amplitude (fraction).
 SPINE_NOISE_SD = 0.03
 SPINE_BIAS_AMPLITUDE = 0.15
@@ -241,11 +253,15 @@ def phantom_spine(
 ) -> SpinePhantom:
     """A procedural sagittal lumbar spine MRI (T2-like) with its spine-schema truth.
 
-    Vertebral bodies are rounded boxes with a dark cortical shell and textured marrow, set
-    on a lordotic curve and tilted along it, with discs (bright nucleus, dark annulus)
-    between them, a sacrum tilted by :data:`SPINE_SACRAL_TILT_DEG`, the canal (CSF with the
-    cord ending at L1-L2) behind them, posterior elements, paraspinal muscles, subcutaneous
-    fat and abdominal soft tissue in front. A smooth bias field and Gaussian noise are added.
+    Vertebral bodies are rounded boxes with textured marrow in a dark cortical shell
+    (:data:`SPINE_CORTEX_MM` thick on every slice), set on a lordotic curve and tilted along
+    it, with discs (bright nucleus, dark annulus) between them, a fused sacrum tilted by
+    :data:`SPINE_SACRAL_TILT_DEG`, the canal (CSF with the cord ending at L1-L2) behind them,
+    posterior elements, paraspinal muscles and subcutaneous fat. In front of and beside the
+    column lie retroperitoneal fat (:data:`SPINE_PREVERTEBRAL_FAT_MM`), the psoas muscles
+    (:data:`SPINE_PSOAS_RADIUS_MM`), the aorta down to L4 (a dark flow void,
+    :data:`SPINE_AORTA_RADIUS_MM`) and textured bowel and viscera, as on a real sagittal
+    lumbar T2 scan. A smooth bias field and Gaussian noise are added.
 
     Parameters
     ----------
@@ -319,6 +335,34 @@ def phantom_spine(
     canal_d = 15.0 * size
     muscle = (back >= 12.0 * size) & (y < post_wall - canal_d)
     tissue[np.broadcast_to(muscle, shape)] = SPINE_INTENSITY["muscle"]
+    # in front of and beside the column: retroperitoneal fat, then bowel and viscera with a
+    # smooth random texture; the psoas muscles beside the bodies (growing downwards) and the
+    # aorta (a flow void left of the midline, down to L4). Without them the bodies sit in a
+    # uniform grey close to marrow, unlike any real scan, and the model misses their outer
+    # slices and takes the lateral rims of the discs for bone.
+    ant_wall = yc + 0.5 * body_d
+    fat_mm = SPINE_PREVERTEBRAL_FAT_MM * float(rng.uniform(0.7, 1.3))
+    retro = np.broadcast_to(trunk & (y >= post_wall - canal_d) & (y < ant_wall + fat_mm), shape)
+    tissue[retro] = SPINE_INTENSITY["fat"]
+    gut_tex = ndimage.gaussian_filter(
+        rng.normal(0.0, 1.0, shape).astype(np.float32),
+        sigma=tuple(SPINE_GUT_TEXTURE_MM / sp for sp in spacing))
+    gut_tex /= max(float(gut_tex.std()), 1e-6)
+    gut = np.broadcast_to(trunk & (y >= ant_wall + fat_mm), shape)
+    tissue[gut] = SPINE_INTENSITY["viscera"] * (1.0 + SPINE_GUT_TEXTURE_AMPLITUDE * gut_tex[gut])
+    t_down = np.clip((z_centres[0] - z) / max(z_centres[0] - z_sacrum, 1.0), 0.0, 1.0)
+    r_top, r_bottom = SPINE_PSOAS_RADIUS_MM
+    psoas_r = (r_top + (r_bottom - r_top) * t_down) * size
+    for side in (-1.0, 1.0):
+        px = cx + side * (0.5 * body_w + 0.8 * psoas_r)
+        psoas = ((x - px) / psoas_r) ** 2 + ((y - yc) / (1.2 * psoas_r)) ** 2 < 1.0
+        psoas = np.broadcast_to(psoas & (z > z_sacrum - 20.0) & (z < z_centres[0]), shape)
+        tissue[psoas] = SPINE_INTENSITY["muscle"]
+    aorta_r = SPINE_AORTA_RADIUS_MM * size
+    z_bifurcation = z_centres[levels.index("L4")] if "L4" in levels else z_sacrum
+    aorta = ((x - (cx - 0.25 * body_w)) ** 2 + (y - (ant_wall + 2.0 + aorta_r)) ** 2
+             < aorta_r ** 2) & (z > z_bifurcation)
+    tissue[np.broadcast_to(aorta, shape)] = SPINE_INTENSITY["vessel"]
     # posterior elements: laminae + spinous process behind the canal, one per level
     params_levels: dict[str, Any] = {}
     for zc in z_centres:
@@ -340,6 +384,7 @@ def phantom_spine(
     # bodies and discs, in the local frame of the curve (u along S-I, v along A-P)
     marrow_tex = ndimage.gaussian_filter(rng.normal(0.0, 1.0, shape).astype(np.float32),
                                          sigma=(0.7, 1.5, 1.5))
+    bone = np.zeros(shape, dtype=bool)
     for i, level in enumerate(levels):
         zc = z_centres[i]
         ycen = float(y_centre(zc))
@@ -356,9 +401,7 @@ def phantom_spine(
         body = r < 1.0
         vid = VERTEBRA_ID[level]
         lab[body] = vid
-        depth = (1.0 - r) * min(body_h, body_d) * 0.5
-        tissue[body] = np.where(depth[body] < SPINE_CORTEX_MM, SPINE_INTENSITY["cortex"],
-                                SPINE_INTENSITY["marrow"] * (1.0 + 0.25 * marrow_tex[body]))
+        bone |= body
         params_levels[level] = {"centre_z_mm": zc, "centre_y_mm": ycen,
                                 "tilt_deg": float(np.degrees(angle)), "wedge_ratio": ratio,
                                 "height_mm": body_h * jitter}
@@ -389,17 +432,20 @@ def phantom_spine(
         cy_k, cz_k = py + dy_axis * 0.5 * h, pz + dz_axis * 0.5 * h
         u = (y - cy_k) * dy_axis + (z - cz_k) * dz_axis
         v = (y - cy_k) * (-dz_axis) + (z - cz_k) * dy_axis  # anterior positive
-        # each segment has its own cortical shell: a dark line where the fused discs were
         r = _superellipse(u, v, x - cx, (0.5 * h, 0.5 * body_d * fd, 0.5 * body_w * fw))
         seg = (r < 1.0) & (lab == 0) & ~sacrum
-        depth = (1.0 - r) * min(h, body_d * fd) * 0.5
-        tissue[seg] = np.where(depth[seg] < SPINE_CORTEX_MM, SPINE_INTENSITY["cortex"],
-                               SPINE_INTENSITY["marrow"] * (1.0 + 0.25 * marrow_tex[seg]))
         sacrum |= seg
         sac_canal |= (v < -0.5 * body_d * fd) & (v > -0.5 * body_d * fd - 0.6 * canal_d) \
             & (np.abs(u) < 0.5 * h + 1.0) & (np.abs(x - cx) < 9.0 * size)
         py, pz = py + dy_axis * h, pz + dz_axis * h
     lab[sacrum] = VERTEBRA_ID["sacrum"]
+    # bone: textured marrow inside a cortical shell of SPINE_CORTEX_MM, by the in-plane
+    # distance (mm) to the bone surface on each sagittal slice, so the shell is as thin on
+    # the outer slices as in the middle ones; the fused sacral segments share one shell
+    bone |= sacrum
+    depth = np.stack([ndimage.distance_transform_edt(b, sampling=spacing[1:]) for b in bone])
+    tissue[bone] = np.where(depth[bone] <= SPINE_CORTEX_MM, SPINE_INTENSITY["cortex"],
+                            SPINE_INTENSITY["marrow"] * (1.0 + 0.25 * marrow_tex[bone]))
     sac_canal &= (lab == 0) & (z < z_sacrum)
     lab[sac_canal] = CSF
     tissue[sac_canal] = SPINE_INTENSITY["csf"]
@@ -418,6 +464,7 @@ def phantom_spine(
     params: dict[str, Any] = {
         "seed": int(seed), "size_factor": size, "disc_height_mm": disc_h,
         "lordosis_mm": lordosis, "sacral_tilt_deg": float(np.degrees(tilt0)),
+        "prevertebral_fat_mm": fat_mm,
         "levels": params_levels, "noise_sd": SPINE_NOISE_SD,
     }
     labels.meta["phantom"] = params
