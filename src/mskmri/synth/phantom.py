@@ -193,6 +193,9 @@ SPINE_LORDOSIS_MM = 12.0
 SPINE_SACRAL_TILT_DEG = 50.0
 #: The sacrum curves anteriorly: each lower segment is this much (degrees) more vertical.
 SACRAL_CURVE_DEG = 12.0
+#: Sacral segments S1, S2, ... drawn: (height, depth, width) as fractions of the lumbar body's.
+SPINE_SACRAL_SEGMENTS: tuple[tuple[float, float, float], ...] = (
+    (0.95, 1.0, 1.0), (0.8, 0.85, 0.85), (0.6, 0.7, 0.7))
 #: T2-like tissue intensities (arbitrary units, 1 = CSF) of the spine phantom image.
 SPINE_INTENSITY: dict[str, float] = {
     "air": 0.0, "fat": 0.72, "muscle": 0.22, "viscera": 0.35, "marrow": 0.45,
@@ -425,7 +428,7 @@ def phantom_spine(
     py, pz = float(y_centre(z_sacrum)), z_sacrum
     sacrum = np.zeros(shape, dtype=bool)
     sac_canal = np.zeros(shape, dtype=bool)
-    for k, (fh, fd, fw) in enumerate(((0.95, 1.0, 1.0), (0.8, 0.85, 0.85), (0.6, 0.7, 0.7))):
+    for k, (fh, fd, fw) in enumerate(SPINE_SACRAL_SEGMENTS):
         tk = tilt0 - np.radians(SACRAL_CURVE_DEG * k)
         dy_axis, dz_axis = -np.sin(tk), -np.cos(tk)  # down the sacrum (posterior, inferior)
         h = body_h * fh
