@@ -172,21 +172,36 @@ def held_out(seg: Any, subjects: int, contrasts: list[str]) -> dict[str, Any]:
             "cases": cases}
 
 
-def foreign_image(scene: Any, seed: int) -> tuple[Any, dict[str, Any]]:
+def foreign_image(scene: Any, seed: int, *, tr_ms: tuple[float, float] = FOREIGN_TR_MS,
+                  te_ms: tuple[float, float] = FOREIGN_TE_MS, fatsat: bool | None = None,
+                  fluid_blend: np.ndarray | None = None) -> tuple[Any, dict[str, Any]]:
     """An image of ``scene`` by the foreign intensity model (:data:`FOREIGN_TISSUES`).
+
+    Parameters
+    ----------
+    scene : CompletedKnee
+    seed : int
+    tr_ms, te_ms : (float, float)
+        Ranges (ms) the repetition and echo times are drawn from (log-uniform).
+    fatsat : bool, optional
+        Force fat suppression on or off (None: drawn with :data:`FOREIGN_FATSAT_PROBABILITY`).
+    fluid_blend : (I, J, K) float array in [0, 1], optional
+        Fraction of each voxel's signal replaced by that of fluid (oedema-like lesions of the
+        BML benchmark), applied before blur, bias and noise.
 
     Returns the image (:class:`~mskmri.volume.Volume`, the scene's grid) and the drawn
     parameters.
     """
     from scipy import ndimage
 
-    from mskmri.synth.anatomy import N_TISSUES, TISSUE_CLASS
+    from mskmri.synth.anatomy import N_TISSUES, TISSUE_CLASS, Tissue
     from mskmri.volume import Volume
 
     rng = np.random.default_rng(seed)
-    tr = float(np.exp(rng.uniform(*np.log(FOREIGN_TR_MS))))
-    te = float(np.exp(rng.uniform(*np.log(FOREIGN_TE_MS))))
-    fatsat = bool(rng.random() < FOREIGN_FATSAT_PROBABILITY)
+    tr = float(np.exp(rng.uniform(*np.log(tr_ms))))
+    te = float(np.exp(rng.uniform(*np.log(te_ms))))
+    drawn = bool(rng.random() < FOREIGN_FATSAT_PROBABILITY)
+    fatsat = drawn if fatsat is None else bool(fatsat)
     lut = np.zeros(N_TISSUES, np.float32)
     for t in range(N_TISSUES):
         t1, t2, pd = FOREIGN_TISSUES[TISSUE_CLASS[t]]
@@ -195,6 +210,9 @@ def foreign_image(scene: Any, seed: int) -> tuple[Any, dict[str, Any]]:
         sig = pd * (1.0 - np.exp(-tr / t1)) * np.exp(-te / t2)
         lut[t] = sig * float(np.exp(rng.normal(0.0, FOREIGN_JITTER)))
     img = lut[scene.tissues]
+    if fluid_blend is not None:
+        fluid = float(lut[Tissue.EFFUSION])
+        img = img * (1.0 - fluid_blend) + fluid * fluid_blend
     blur = float(rng.uniform(*FOREIGN_BLUR_VOX))
     img = ndimage.gaussian_filter(img, blur, truncate=2.5)
     grids = np.meshgrid(*[np.linspace(-1.0, 1.0, n, dtype=np.float32) for n in img.shape],

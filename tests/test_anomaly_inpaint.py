@@ -68,6 +68,25 @@ def test_bright_blob_gives_high_z() -> None:
     assert np.percentile(z[fem], 50) < 1.0
 
 
+def test_a_painter_bias_is_removed_before_the_z_score() -> None:
+    """A painter that paints every hole 0.3 too bright (about 6 noise units) must not shift
+    the z map: its median over the femur is 0 and a real lesion still stands out."""
+    rng = np.random.default_rng(3)
+    fem = np.zeros((6, 40, 40), dtype=bool)
+    fem[:, 4:36, 4:36] = True
+    img = (1.0 + 0.05 * rng.standard_normal(fem.shape)).astype(np.float32)
+    img[2:4, 16:22, 16:22] += 1.0
+
+    def biased(image: np.ndarray, hole: np.ndarray, roi: np.ndarray | None = None
+               ) -> np.ndarray:
+        return np.full(image.shape, 1.3, dtype=np.float32)
+
+    res, _, z, _ = paint_residual(img, fem, biased, cell_px=8, n_offsets=2, seed=0)
+    assert float(np.median(res[fem])) == pytest.approx(-0.3, abs=0.01)
+    assert abs(float(np.median(z[fem]))) < 0.05
+    assert z[2:4, 16:22, 16:22].mean() > 10.0
+
+
 # ============================================================================ synthetic knee
 @pytest.fixture(scope="module")
 def knee() -> tuple[Volume, LabelVolume, LabelVolume]:

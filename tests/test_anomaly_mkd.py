@@ -89,6 +89,23 @@ def test_gradient_map_is_zero_outside_the_marrow(nets: tuple) -> None:
     assert np.all(g[~roi] == 0) and g[roi].max() > 0
 
 
+def test_input_x_gradient_is_the_plain_gradient_times_the_input(nets: tuple) -> None:
+    student, teacher = nets
+    rng = np.random.default_rng(1)
+    img = (0.5 + 0.05 * rng.standard_normal((2, 24, 32))).astype(np.float32)
+    img[0, 8:14, 10:18] = 1.5
+    roi = np.zeros(img.shape, dtype=bool)
+    roi[:, 4:20, 4:28] = True
+    kw = {"roi": roi, "n_noise": 0, "sigma_px": 0, "opening_px": 1}
+    plain = gradient_map(img, student, teacher, attribution="gradient", **kw)
+    ixg = gradient_map(img, student, teacher, attribution="input-x-gradient", **kw)
+    np.testing.assert_allclose(ixg, plain * np.abs(img * roi), rtol=1e-4, atol=1e-9)
+    with pytest.raises(BmlDetectionError, match="attribution"):
+        gradient_map(img, student, teacher, attribution="saliency")
+    with pytest.raises(BmlDetectionError, match="attribution"):
+        MkdScorer(student, teacher=teacher, attribution="saliency")
+
+
 def test_training_patches_are_marrow_only(tmp_path: Path) -> None:
     from mskmri.anomaly.mkd_train import MkdSlices
 
@@ -201,3 +218,28 @@ def test_cli_shipped_student_runs_and_carries_its_caveat(knee: tuple, tmp_path: 
     assert any("first small model" in w for w in rec["warnings"])
     assert rec["record"]["config"]["postprocess"]["threshold"] > 0
     assert rec["record"]["student"]["name"] == "bml-mkd"
+
+
+def test_shipped_student_map_is_higher_in_the_lesion(knee: tuple) -> None:
+    """The shipped MKD map separates the phantom's 1 mL lesion from healthy marrow (the
+    published plain gradient did not: its z was lower in the lesion)."""
+    from mskmri.anomaly.postprocess import roi_without_rim
+    from mskmri.synth import phantom_knee, render
+    from mskmri.weights import MODELS
+
+    if "bml-mkd" not in MODELS or not MODELS["bml-mkd"].path.is_file():
+        pytest.skip("bml-mkd is not shipped")
+    labels, lesions = phantom_knee(seed=0, lesion_ml=1.0)
+    r = render(labels, contrast="iw-fs", seed=3, lesions=lesions)
+    roi = roi_without_rim(r.labels.array == 1, r.image.spacing, 1.0)
+    lesion = (r.lesions.array > 0) & roi
+    assert lesion.sum() > 100
+    medians = {}
+    for attribution in ("input-x-gradient", "gradient"):
+        scorer = MkdScorer(n_noise=1, attribution=attribution)
+        z = detect_bml_mkd(r.image, r.labels, scorer=scorer, threshold=float("inf")).zmap.array
+        medians[attribution] = float(np.median(z[lesion]))
+        if attribution == "input-x-gradient":
+            assert medians[attribution] > float(np.quantile(z[roi & ~lesion], 0.9))
+    assert medians["gradient"] < 0 < medians["input-x-gradient"]
+

@@ -12,6 +12,7 @@ from mskmri.anomaly.postprocess import (
     calibrate_threshold,
     femur_regions,
     keep_components,
+    lesion_extent,
     lesion_table,
     opening,
     postprocess,
@@ -78,7 +79,7 @@ def test_postprocess_finds_block_and_records_steps() -> None:
     res[10:16, 10:16, 10:16] = 10.0
     out = postprocess(res, bone, (1.0, 1.0, 1.0), PostprocessConfig(threshold=3.0))
     assert [s["step"] for s in out.steps] == ["roi", "smooth", "threshold", "opening",
-                                             "components", "slices"]
+                                             "extent", "components", "slices"]
     truth = res > 0
     dice = 2 * (out.mask.astype(bool) & truth).sum() / (out.mask.sum() + truth.sum())
     assert dice > 0.8
@@ -93,6 +94,29 @@ def test_postprocess_bad_input() -> None:
         postprocess(np.zeros((4, 4, 4)), np.zeros((4, 4, 4)), (1, 0, 1))
     with pytest.raises(PostprocessError):
         PostprocessConfig(min_slices=0)
+    with pytest.raises(PostprocessError, match="extent_fraction"):
+        PostprocessConfig(extent_fraction=1.0)
+
+
+def test_lesion_extent_cuts_each_component_to_its_own_fraction_of_peak() -> None:
+    # two blobs with a fringe: peak 10 with a fringe of 3, peak 4 with a fringe of 1.5
+    v = np.zeros((20, 20, 20), dtype=np.float32)
+    v[2:10, 2:10, 2:10] = 3.0
+    v[4:8, 4:8, 4:8] = 10.0
+    v[12:18, 12:18, 12:18] = 1.5
+    v[14:16, 14:16, 14:16] = 4.0
+    mask = v > 1.0
+    half = lesion_extent(mask, v, 0.5)
+    # the strong blob keeps its >= 5 core only; the weak one its >= 2 core only
+    assert half.sum() == 4 ** 3 + 2 ** 3
+    assert half[4:8, 4:8, 4:8].all() and half[14:16, 14:16, 14:16].all()
+    # the fringe of the strong blob (3) is above the weak blob's level: per-component levels
+    assert not half[2, 2, 2]
+    # a lower fraction keeps the fringes too; 0 is a no-op; never adds voxels
+    assert lesion_extent(mask, v, 0.25).sum() == mask.sum()
+    assert np.array_equal(lesion_extent(mask, v, 0.0), mask)
+    assert not (lesion_extent(mask, v, 0.5) & ~mask).any()
+    assert lesion_extent(np.zeros_like(mask), v, 0.5).sum() == 0
 
 
 def test_calibrate_threshold_is_the_stated_quantile() -> None:

@@ -12,8 +12,10 @@ post-processing):
    femur. Every femur voxel is hidden, and painted from its context, ``n_offsets`` times;
 3. residual = real - mean painted (BMLs are hyperintense on fluid-sensitive fat-suppressed
    images); the spread (std) of the paintings across offsets is the Monte-Carlo
-   uncertainty map; the residual is divided by ``sqrt(noise**2 + spread**2)``, where the
-   noise is a robust per-slice scale (1.4826 * MAD) of the residual inside the femur;
+   uncertainty map; the residual minus its median over the femur (the painter's bias on
+   this knee: a few noise units on some lesion-free validation knees) is divided by
+   ``sqrt(noise**2 + spread**2)``, where the noise is a robust per-slice scale
+   (1.4826 * MAD) of the residual inside the femur;
 4. the z map goes back to the input grid and through :mod:`.postprocess` (rim, smoothing,
    threshold, opening, components, slices) and :func:`.postprocess.lesion_table`.
 
@@ -309,7 +311,8 @@ def paint_residual(image: np.ndarray, femur: np.ndarray, painter: Painter, *, ce
     -------
     residual, spread, zmap, count : (X, H, W) float32 / float32 / float32 / int16
         ``real - mean painted``, the std of the paintings, the noise-normalised residual
-        and how often each voxel was painted (0 outside the femur).
+        (its median over the femur subtracted first) and how often each voxel was painted
+        (0 outside the femur).
     """
     xs = np.nonzero(femur.any(axis=(1, 2)))[0]
     s1 = np.zeros(image.shape, dtype=np.float64)
@@ -335,8 +338,10 @@ def paint_residual(image: np.ndarray, femur: np.ndarray, painter: Painter, *, ce
     var = np.maximum(s2 / n - mean ** 2, 0.0)
     spread = np.where(count > 1, np.sqrt(var), 0.0).astype(np.float32)
     residual = np.where(count > 0, image - mean, 0.0).astype(np.float32)
-    # robust noise scale per sagittal slice, floored by the volume's
+    # robust location (the painter's bias on this knee) and noise scale per sagittal slice,
+    # floored by the volume's
     inside = count > 0
+    bias = float(np.median(residual[inside]))
     global_scale = _robust_scale(residual[inside])
     if not np.isfinite(global_scale) or global_scale <= 0:
         global_scale = 1.0
@@ -346,7 +351,7 @@ def paint_residual(image: np.ndarray, femur: np.ndarray, painter: Painter, *, ce
         if np.isfinite(sc):
             noise[x] = max(sc, NOISE_FLOOR_FRACTION * global_scale)
     denom = np.sqrt(noise[:, None, None] ** 2 + spread ** 2)
-    zmap = np.where(inside, residual / denom, 0.0).astype(np.float32)
+    zmap = np.where(inside, (residual - bias) / denom, 0.0).astype(np.float32)
     return residual, spread, zmap, count
 
 
