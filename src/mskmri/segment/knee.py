@@ -16,7 +16,13 @@ Pipeline of :func:`segment_knee` (METHODS.md section 3, issue 3):
    labels confirm them (:func:`fuse_with_coarse`), thin ones are its own;
 4. the fine labels are brought back onto the input grid: smoothly (:func:`labels_to_grid`)
    around cartilage and menisci, by nearest neighbour elsewhere; voxels outside the region
-   are background.
+   are background;
+5. anatomical post-processing on the input grid (:func:`postprocess_knee_labels`): each bone
+   keeps its largest 3-D connected component (:data:`KEEP_LARGEST_CLASSES`), cartilage,
+   menisci, ligaments and the patellar tendon drop components smaller than
+   :data:`MIN_COMPONENT_ML`; removed voxels take the majority label of their kept
+   neighbours (background when none). What was removed is recorded in
+   ``meta["postprocess"]``.
 
 The result is a :class:`~mskmri.volume.LabelVolume` in the input geometry (same shape and
 affine), schema ``"knee"``, with warnings (``meta["warnings"]``) when the image looks far
@@ -31,7 +37,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 
@@ -81,6 +87,48 @@ FUSION_CHECKED = ("background", "femur", "tibia", "patella", "fibula", "muscle",
                   "infrapatellar_fat_pad")
 #: Distance within which the coarse labels must confirm a checked fine class, mm.
 FUSION_TOLERANCE_MM = 4.0
+#: Classes kept as their largest 3-D connected component by :func:`postprocess_knee_labels`:
+#: each bone is one rigid body, so a piece of its label detached from the main body is a
+#: false positive (a marrow-like patch in muscle, a speck of "femur" inside the tibia).
+KEEP_LARGEST_CLASSES: tuple[str, ...] = ("femur", "tibia", "patella", "fibula")
+#: Smallest connected component (mL) of each cartilage plate kept by
+#: :func:`postprocess_knee_labels`. Adult knees: femoral cartilage 10-20 mL, each tibial plate
+#: 1.5-3 mL, patellar cartilage 3-4 mL, 1.5-3 mm thick. 0.05 mL (50 mm^3, a 5 x 5 x 2 mm patch)
+#: is far below any plate and below a remnant worth a thickness measurement, so only
+#: isolated specks go. (Tuning set: 6 renders of two validation subjects, never trained on
+#: and not the benchmark's test maps: cartilage Dice 0.222 -> 0.229; larger minima score
+#: higher with this under-trained model, 0.2 mL 0.250, but would start to drop real remnants
+#: of thinned OA cartilage, so they are not used.)
+MIN_CARTILAGE_ML = 0.05
+#: Smallest component (mL) of each meniscus kept. Menisci are 2-3 mL each (a horn ~0.3 mL),
+#: but the shipped model predicts them as small pieces that partly lie on the true meniscus:
+#: on the same tuning renders any minimum lowered the menisci Dice (0.05 mL: 0.110 -> 0.107;
+#: 0.002 mL: 0.1095 -> 0.1092), so only specks (2 mm^3, 10-20 voxels of a knee sequence,
+#: below the size at which a meniscus can be resolved) are dropped.
+MIN_MENISCUS_ML = 0.002
+#: Smallest component (mL) of each ligament / the patellar tendon kept (ACL, PCL 1.5-3 mL,
+#: MCL 1-2 mL, LCL ~0.5 mL, patellar tendon 3-6 mL). Specks only, for the same reason as
+#: :data:`MIN_MENISCUS_ML` (tuning renders: PCL Dice 0.0109 -> 0.0078 with 0.05 mL, 0.0103
+#: with 0.002 mL).
+MIN_LIGAMENT_ML = 0.002
+#: Smallest component (mL) kept per thin structure by :func:`postprocess_knee_labels`.
+MIN_COMPONENT_ML: dict[str, float] = {
+    **dict.fromkeys(("femoral_cartilage", "medial_tibial_cartilage", "lateral_tibial_cartilage",
+                     "patellar_cartilage"), MIN_CARTILAGE_ML),
+    **dict.fromkeys(("medial_meniscus", "lateral_meniscus"), MIN_MENISCUS_ML),
+    **dict.fromkeys(("anterior_cruciate_ligament", "posterior_cruciate_ligament",
+                     "collateral_ligaments", "patellar_tendon"), MIN_LIGAMENT_ML)}
+#: Connectivity of the bone components of the post-processing: 6 (face neighbours only), so
+#: the bone kept is one piece under any connectivity, as the segmentation benchmark and a
+#: surface mesh count pieces (with 26, a largest component still held 14-31 face-connected
+#: pieces per bone on the tuning renders, joined only at edges and corners; same Dice).
+BONE_CONNECTIVITY = 6
+#: Connectivity of the thin-structure components (26: face, edge or corner neighbours), so
+#: that a thin sheet sampled obliquely is not cut into "small pieces" and dropped.
+THIN_CONNECTIVITY = 26
+#: A bone that loses more than this fraction of its voxels to post-processing is reported
+#: in the warnings (the model's output is fragmented there).
+BONE_REMOVED_WARN_FRACTION = 0.05
 #: Number of output classes (background + the 17 knee classes).
 N_CLASSES = len(KNEE) + 1
 #: Names of the shipped models.
@@ -290,6 +338,183 @@ def _fine_to_input(flab: np.ndarray, faff: np.ndarray, can: Volume, image: Volum
     return back.resample_to_grid(image.shape, image.affine, order=0, cval=0)  # type: ignore[return-value]
 
 
+# ============================================================================ post-processing
+#: Connectivity (neighbours of a voxel) -> rank of scipy's generate_binary_structure.
+_CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}
+
+
+def postprocess_knee_labels(
+        labels: LabelVolume, *,
+        keep_largest: Sequence[str] = KEEP_LARGEST_CLASSES,
+        min_component_ml: dict[str, float] | None = None,
+        bone_connectivity: int = BONE_CONNECTIVITY,
+        thin_connectivity: int = THIN_CONNECTIVITY,
+) -> tuple[LabelVolume, dict[str, Any]]:
+    """Anatomical clean-up of a knee label map: one body per bone, no specks of thin tissue.
+
+    1. Components: 3-D connected components (:func:`cc3d.connected_components` on the
+       multi-label map) of the ``keep_largest`` classes with ``bone_connectivity`` and of
+       the ``min_component_ml`` classes with ``thin_connectivity``.
+    2. Removal: of each ``keep_largest`` class all components but the largest (ties: the
+       first in C order); of each ``min_component_ml`` class the components smaller than its
+       volume (mL; one of exactly that volume is kept).
+    3. Filling: each removed component takes the most frequent label among the voxels of its
+       one-voxel shell (its connectivity's neighbourhood) that are not removed themselves;
+       background when there is none. A bone speck inside the tibia becomes tibia, a
+       cartilage speck in the fat becomes fat, an island in air becomes background. Filling
+       only adds voxels to kept components (a shell never holds the component's own class),
+       so running the step again changes nothing.
+
+    Parameters
+    ----------
+    labels : LabelVolume
+        (I, J, K) knee-schema label map with known geometry (volumes in mL need it).
+    keep_largest : sequence of str
+        Knee class names kept as their largest component (default
+        :data:`KEEP_LARGEST_CLASSES`); empty: none.
+    min_component_ml : dict of str to float, optional
+        Class name -> smallest component kept (mL); default :data:`MIN_COMPONENT_ML`,
+        ``{}``: none. A class cannot be in both rules.
+    bone_connectivity, thin_connectivity : {6, 18, 26}
+        Connectivity of the components of each rule (defaults :data:`BONE_CONNECTIVITY`,
+        :data:`THIN_CONNECTIVITY`).
+
+    Returns
+    -------
+    cleaned : LabelVolume
+        Same shape, affine, dtype, label names, schema and meta as ``labels``.
+    record : dict
+        JSON-ready: the step's parameters and, per checked class present in the input,
+        ``components`` (before), ``components_removed``, ``voxels_removed``, ``ml_removed``
+        and ``ml_before``.
+
+    Raises
+    ------
+    KneeSegmentationError
+        Unknown class name, a class in both rules, bad connectivity, negative volume, not a
+        3-D map.
+    GeometryError
+        Unknown geometry.
+    """
+    import cc3d
+    from scipy import ndimage
+
+    min_ml = dict(MIN_COMPONENT_ML if min_component_ml is None else min_component_ml)
+    unknown = sorted(n for n in (*keep_largest, *min_ml) if n not in KNEE_ID)
+    if unknown:
+        raise KneeSegmentationError(f"post-processing: unknown knee class(es) {unknown}; use "
+                                    f"names of mskmri.labels.KNEE, e.g. {sorted(KNEE_ID)[:3]}")
+    both = sorted(set(keep_largest) & set(min_ml))
+    if both:
+        raise KneeSegmentationError(f"post-processing: {both} given both as keep-largest and "
+                                    "with a minimum volume; give each class one rule")
+    for conn in (bone_connectivity, thin_connectivity):
+        if conn not in _CONNECTIVITY_RANK:
+            raise KneeSegmentationError(f"post-processing connectivity must be 6, 18 or 26, "
+                                        f"not {conn!r}")
+    bad = {n: v for n, v in min_ml.items() if not np.isfinite(v) or v < 0}
+    if bad:
+        raise KneeSegmentationError(f"post-processing minimum volumes must be finite and >= 0 "
+                                    f"mL, not {bad}")
+    arr = np.asarray(labels.array)
+    if arr.ndim != 3:
+        raise KneeSegmentationError(f"post-processing needs a 3-D label map, not shape "
+                                    f"{arr.shape}")
+    labels.require_geometry("knee post-processing (component volumes in mL)")
+    voxel_ml = labels.voxel_volume_mm3 / 1000.0
+    # a component of exactly the minimum volume is kept (relative slack for rounding)
+    min_vox = {KNEE_ID[n]: v / voxel_ml * (1.0 - 1e-9) for n, v in min_ml.items()}
+    removed_rec: dict[str, dict[str, Any]] = {}
+    record: dict[str, Any] = {
+        "step": "postprocess_knee_labels",
+        "connectivity": {"keep_largest": bone_connectivity, "min_component": thin_connectivity},
+        "keep_largest": list(keep_largest), "min_component_ml": min_ml,
+        "fill": "majority label of the kept neighbours, else background",
+        "removed": removed_rec}
+    passes = []  # (component map, components to remove, connectivity)
+    for ids, conn in (([KNEE_ID[n] for n in keep_largest], bone_connectivity),
+                      (sorted(min_vox), thin_connectivity)):
+        if not ids:
+            continue
+        sel = np.where(np.isin(arr, ids), arr, 0).astype(np.uint8, copy=False)
+        comp, n = cc3d.connected_components(sel, connectivity=cast(Literal[6, 18, 26], conn),
+                                            return_N=True)
+        if n == 0:
+            continue
+        flat = comp.ravel()
+        counts = np.bincount(flat, minlength=n + 1)
+        comp_class = np.zeros(n + 1, np.int64)
+        comp_class[flat] = sel.ravel()
+        remove = np.zeros(n + 1, bool)
+        for c in ids:
+            own = np.flatnonzero(comp_class == c)
+            own = own[own > 0]
+            if own.size == 0:
+                continue
+            if c in min_vox:
+                remove[own[counts[own] < min_vox[c]]] = True
+            elif own.size > 1:
+                remove[own] = True
+                remove[own[int(np.argmax(counts[own]))]] = False
+            gone = own[remove[own]]
+            removed_rec[KNEE[c]] = {
+                "components": int(own.size), "components_removed": int(gone.size),
+                "voxels_removed": int(counts[gone].sum()),
+                "ml_removed": round(float(counts[gone].sum() * voxel_ml), 4),
+                "ml_before": round(float(counts[own].sum() * voxel_ml), 4)}
+        if remove.any():
+            passes.append((comp, remove, conn))
+    out = arr.copy()
+    if passes:
+        removed_mask = np.zeros(arr.shape, bool)
+        for comp, remove, _ in passes:
+            removed_mask |= remove[comp]
+        for comp, remove, conn in passes:
+            struct = ndimage.generate_binary_structure(3, _CONNECTIVITY_RANK[conn])
+            boxes = ndimage.find_objects(np.where(remove[comp], comp, 0))
+            for k in np.flatnonzero(remove):
+                box = boxes[k - 1]
+                if box is None:  # pragma: no cover - every removed id has voxels
+                    continue
+                grown = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, size))
+                              for b, size in zip(box, arr.shape, strict=True))
+                own_mask = comp[grown] == k
+                shell = (ndimage.binary_dilation(own_mask, structure=struct) & ~own_mask
+                         & ~removed_mask[grown])
+                near = arr[grown][shell]
+                out[grown][own_mask] = int(np.argmax(np.bincount(near))) if near.size else 0
+        log.info("knee post-processing removed (mL) %s", {
+            k: v["ml_removed"] for k, v in removed_rec.items() if v["voxels_removed"]})
+    return labels.with_array(out), record  # type: ignore[return-value]
+
+
+def postprocess_warnings(record: dict[str, Any]) -> list[str]:
+    """Warnings worth showing from a :func:`postprocess_knee_labels` record.
+
+    A bone that lost more than :data:`BONE_REMOVED_WARN_FRACTION` of its volume (a fragmented
+    output), and a thin structure all of whose components were too small (it is then absent
+    from the output).
+    """
+    out = []
+    removed = record.get("removed") or {}
+    largest = set(record.get("keep_largest") or ())
+    min_ml = record.get("min_component_ml") or {}
+    for name, r in removed.items():
+        if not r["voxels_removed"]:
+            continue
+        frac = r["ml_removed"] / r["ml_before"] if r["ml_before"] else 0.0
+        if name in largest and frac > BONE_REMOVED_WARN_FRACTION:
+            out.append(f"{name}: {r['ml_removed']:.2f} mL ({100 * frac:.1f} % of the predicted "
+                       f"{name}) lay in {r['components_removed']} piece(s) detached from the "
+                       "main bone and was relabelled by post-processing; the segmentation is "
+                       "fragmented there, check it")
+        elif name in min_ml and r["components_removed"] == r["components"]:
+            out.append(f"{name}: all {r['components']} predicted component(s) were smaller "
+                       f"than {min_ml[name]:g} mL and were removed by "
+                       f"post-processing; {name} is absent from the output")
+    return out
+
+
 @dataclass
 class KneeSegmentation:
     """What :func:`segment_knee_detailed` returns.
@@ -306,6 +531,8 @@ class KneeSegmentation:
         Reasons to distrust the result (empty when none).
     timings_s : dict
         Seconds per step.
+    postprocess : dict
+        The record of :func:`postprocess_knee_labels` (what was removed, per class).
     """
 
     labels: LabelVolume
@@ -313,6 +540,7 @@ class KneeSegmentation:
     region_mm: list[list[float]]
     warnings: list[str] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
+    postprocess: dict[str, Any] = field(default_factory=dict)
 
 
 #: Default backend and precision, chosen by benchmarks/knee_segmentation.py as the fastest
@@ -401,11 +629,16 @@ class KneeSegmenter:
     device : str
     overlap : float
         Sliding-window overlap.
+    keep_largest, min_component_ml
+        Parameters of the post-processing (:func:`postprocess_knee_labels`; defaults
+        :data:`KEEP_LARGEST_CLASSES` and :data:`MIN_COMPONENT_ML`).
     """
 
     def __init__(self, coarse: str | nn.Module = COARSE_MODEL, fine: str | nn.Module = FINE_MODEL,
                  *, precision: str = DEFAULT_PRECISION, backend: str = DEFAULT_BACKEND,
-                 device: str = "cpu", overlap: float = WINDOW_OVERLAP) -> None:
+                 device: str = "cpu", overlap: float = WINDOW_OVERLAP,
+                 keep_largest: Sequence[str] = KEEP_LARGEST_CLASSES,
+                 min_component_ml: dict[str, float] | None = None) -> None:
         from mskmri.nn.inference import SlidingWindowConfig, SlidingWindowInferer
 
         if backend == "onnx":
@@ -419,6 +652,9 @@ class KneeSegmenter:
             {c for c in (model_caveat(m) for m in named) if c})
         self.fine = _load_stage(fine, FINE_SPACING_MM, DEFAULT_FINE_PATCH, device)
         self.precision, self.backend = precision, backend
+        self.keep_largest = tuple(keep_largest)
+        self.min_component_ml = dict(MIN_COMPONENT_ML if min_component_ml is None
+                                     else min_component_ml)
         self._inferers = {}
         for name, st in (("coarse", self.coarse), ("fine", self.fine)):
             onnx = _onnx_file(st) if backend == "onnx" else None
@@ -473,6 +709,12 @@ class KneeSegmenter:
         t4 = time.perf_counter()
         out = _fine_to_input(flab, faff, can, image)
         timings["to_input_s"] = time.perf_counter() - t4
+        # ---------------------------------------------------------------- post-processing
+        t5 = time.perf_counter()
+        out, post = postprocess_knee_labels(out, keep_largest=self.keep_largest,
+                                            min_component_ml=self.min_component_ml)
+        warnings += postprocess_warnings(post)
+        timings["postprocess_s"] = time.perf_counter() - t5
         timings["total_s"] = time.perf_counter() - t0
         lo = can.voxel_to_world([[b.start - 0.5 for b in box]])[0]
         hi = can.voxel_to_world([[b.stop - 0.5 for b in box]])[0]
@@ -483,10 +725,11 @@ class KneeSegmenter:
             "coarse": self.coarse.name, "fine": self.fine.name},
             "precision": self.precision, "backend": self.backend,
             "region_mm": region_mm, "warnings": list(warnings),
-            "timings_s": {k: round(v, 3) for k, v in timings.items()}}
+            "timings_s": {k: round(v, 3) for k, v in timings.items()}, "postprocess": post}
         labels = LabelVolume(out.array.astype(np.uint8), image.affine, dict(KNEE), schema="knee",
                              meta=meta)
-        return KneeSegmentation(labels, coarse, region_mm, warnings, timings_s=timings)
+        return KneeSegmentation(labels, coarse, region_mm, warnings, timings_s=timings,
+                                postprocess=post)
 
 
 def _check_input(image: Volume) -> None:
@@ -577,8 +820,10 @@ def segment_knee(image: Volume, *, coarse: str | nn.Module = COARSE_MODEL,
     -------
     LabelVolume
         uint8 knee-schema labels (:data:`mskmri.labels.KNEE`) in the geometry of ``image``
-        (same shape and affine). ``meta`` records the models, the fine region (RAS mm), the
-        timings and ``warnings`` (e.g. no knee found by the coarse model).
+        (same shape and affine), after :func:`postprocess_knee_labels`. ``meta`` records the
+        models, the fine region (RAS mm), the timings, ``postprocess`` (what the
+        post-processing removed, per class, in voxels and mL) and ``warnings`` (e.g. no knee
+        found by the coarse model, a fragmented bone).
 
     Raises
     ------

@@ -1,0 +1,231 @@
+"""Anatomical post-processing of knee label maps (:func:`mskmri.segment.knee.postprocess_knee_labels`).
+
+Known answers on tiny synthetic label maps at 0.5 mm isotropic (one voxel = 1.25e-4 mL, so
+the default 0.05 mL minimum is exactly 400 voxels): detached bone fragments go, each to the
+label around it; small specks of thin structures go; main bodies, other classes and the
+geometry stay as they were.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mskmri.errors import GeometryError
+from mskmri.labels import KNEE, KNEE_ID
+from mskmri.segment import knee as K
+from mskmri.volume import LabelVolume
+
+#: Voxel edge of the phantoms, mm, and the resulting voxel volume, mL.
+VOXEL_MM = 0.5
+VOXEL_ML = VOXEL_MM**3 / 1000.0
+FEMUR, TIBIA, PATELLA = KNEE_ID["femur"], KNEE_ID["tibia"], KNEE_ID["patella"]
+MUSCLE, FCART = KNEE_ID["muscle"], KNEE_ID["femoral_cartilage"]
+MENISCUS = KNEE_ID["medial_meniscus"]
+
+
+def _volume(arr: np.ndarray, **kw: object) -> LabelVolume:
+    aff = np.diag([VOXEL_MM, VOXEL_MM, VOXEL_MM, 1.0])
+    aff[:3, 3] = (-10.0, 4.0, 2.5)
+    return LabelVolume(arr.astype(np.uint8), aff, dict(KNEE), schema="knee", **kw)  # type: ignore[arg-type]
+
+
+def _bone_phantom() -> tuple[np.ndarray, dict[str, tuple[slice, slice, slice]]]:
+    """Femur, tibia, patella and muscle blocks; three detached femur fragments.
+
+    Returns the map and the boxes of the fragments: one in muscle, one in air, one inside
+    the tibia.
+    """
+    a = np.zeros((40, 40, 40), np.uint8)
+    a[5:25, 5:25, 5:25] = FEMUR                       # main femur, 8000 voxels
+    a[28:38, 5:35, 5:35] = MUSCLE
+    a[5:25, 28:38, 5:25] = TIBIA
+    a[5:12, 5:12, 28:36] = PATELLA                    # one component: untouched
+    frags: dict[str, tuple[slice, slice, slice]] = {"in_muscle": (slice(31, 34), slice(10, 13), slice(10, 13)),    # 27 voxels
+             "in_air": (slice(30, 32), slice(37, 39), slice(37, 39)),       # 8 voxels
+             "in_tibia": (slice(10, 12), slice(31, 33), slice(10, 12))}     # 8 voxels
+    for box in frags.values():
+        a[box] = FEMUR
+    return a, frags
+
+
+def test_each_bone_keeps_its_largest_component_and_fragments_take_their_surroundings() -> None:
+    arr, frags = _bone_phantom()
+    out, rec = K.postprocess_knee_labels(_volume(arr))
+    res = out.array
+    assert res[frags["in_muscle"]].tolist() == np.full((3, 3, 3), MUSCLE).tolist()
+    assert (res[frags["in_air"]] == 0).all()
+    assert (res[frags["in_tibia"]] == TIBIA).all()
+    # the femur is its main block only; every other voxel is unchanged
+    np.testing.assert_array_equal(np.argwhere(res == FEMUR).min(0), [5, 5, 5])
+    np.testing.assert_array_equal(np.argwhere(res == FEMUR).max(0), [24, 24, 24])
+    assert (res == FEMUR).sum() == 20**3
+    changed = res != arr
+    frag_mask = np.zeros(arr.shape, bool)
+    for box in frags.values():
+        frag_mask[box] = True
+    np.testing.assert_array_equal(changed, frag_mask)
+    femur = rec["removed"]["femur"]
+    assert femur == {"components": 4, "components_removed": 3, "voxels_removed": 43,
+                     "ml_removed": round(43 * VOXEL_ML, 4),
+                     "ml_before": round((8000 + 43) * VOXEL_ML, 4)}
+    assert rec["removed"]["patella"]["components_removed"] == 0
+    assert rec["removed"]["tibia"]["voxels_removed"] == 0
+    assert "muscle" not in rec["removed"]     # muscle is not a checked class
+    json.dumps(rec)                           # the record goes to the sidecar as is
+
+
+def test_thin_structures_drop_components_below_the_minimum_volume_only() -> None:
+    a = np.zeros((40, 40, 40), np.uint8)
+    a[20:35, 5:35, 5:35] = FEMUR
+    a[10:15, 5:25, 5:25] = FCART            # main plate: 2000 voxels = 0.25 mL, kept
+    a[2:10, 30:37, 30:37] = FCART           # 392 voxels = 0.049 mL < 0.05 mL: dropped
+    a[2:10, 2:7, 30:40] = FCART             # exactly 400 voxels = 0.05 mL: kept
+    a[25:27, 20:22, 20:22] = FCART          # 8 voxels inside the femur: becomes femur
+    a[5:7, 30:32, 3:5] = MENISCUS           # 8 voxels, the whole meniscus: dropped
+    out, rec = K.postprocess_knee_labels(_volume(a))
+    res = out.array
+    assert (res[10:15, 5:25, 5:25] == FCART).all()
+    assert (res[2:10, 2:7, 30:40] == FCART).all()
+    assert (res[2:10, 30:37, 30:37] == 0).all()
+    assert (res[25:27, 20:22, 20:22] == FEMUR).all()
+    assert not (res == MENISCUS).any()
+    assert (res == FCART).sum() == 2000 + 400
+    assert rec["removed"]["femoral_cartilage"] == {
+        "components": 4, "components_removed": 2, "voxels_removed": 400,
+        "ml_removed": round(400 * VOXEL_ML, 4), "ml_before": round(2800 * VOXEL_ML, 4)}
+    assert rec["removed"]["medial_meniscus"]["components_removed"] == 1
+    warnings = K.postprocess_warnings(rec)
+    assert any(w.startswith("medial_meniscus:") and "absent" in w for w in warnings)
+    assert not any(w.startswith("femoral_cartilage") for w in warnings)
+    # a larger minimum, given by the caller, drops the 0.05 mL piece too
+    out2, _ = K.postprocess_knee_labels(_volume(a), min_component_ml={"femoral_cartilage": 0.1})
+    assert (out2.array == FCART).sum() == 2000
+    assert (out2.array == MENISCUS).sum() == 8     # meniscus not checked any more
+
+
+def test_bones_are_face_connected_and_thin_structures_26_connected_by_default() -> None:
+    a = np.zeros((24, 24, 24), np.uint8)
+    a[1:5, 1:5, 1:5] = FEMUR
+    a[5:7, 5:7, 5:7] = FEMUR        # touches the first block at one corner only
+    # two 250-voxel (0.031 mL) halves of a cartilage plate touching at one corner: one
+    # 0.0625 mL component with 26-connectivity (kept), two too small with 6 (dropped)
+    a[10:15, 10:15, 0:10] = FCART
+    a[15:20, 15:20, 10:20] = FCART
+    out, rec = K.postprocess_knee_labels(_volume(a))
+    assert (out.array[5:7, 5:7, 5:7] == 0).all() and (out.array[1:5, 1:5, 1:5] == FEMUR).all()
+    assert rec["removed"]["femur"]["voxels_removed"] == 8
+    assert (out.array == FCART).sum() == 500
+    assert rec["connectivity"] == {"keep_largest": 6, "min_component": 26}
+    out, rec = K.postprocess_knee_labels(_volume(a), bone_connectivity=26, thin_connectivity=6)
+    assert (out.array == FEMUR).sum() == 64 + 8
+    assert not (out.array == FCART).any()
+    assert rec["removed"]["femoral_cartilage"]["components_removed"] == 2
+
+
+def test_empty_maps_and_maps_without_checked_classes_are_returned_unchanged() -> None:
+    zeros = np.zeros((6, 7, 8), np.uint8)
+    out, rec = K.postprocess_knee_labels(_volume(zeros))
+    np.testing.assert_array_equal(out.array, zeros)
+    assert rec["removed"] == {}
+    assert K.postprocess_warnings(rec) == []
+    muscle = zeros.copy()
+    muscle[1:3, 1:3, 1:3] = MUSCLE
+    muscle[4:6, 4:6, 5:7] = MUSCLE          # two muscle pieces: muscle is not checked
+    out, rec = K.postprocess_knee_labels(_volume(muscle))
+    np.testing.assert_array_equal(out.array, muscle)
+    assert rec["removed"] == {}
+    # nothing to do at all when both rules are switched off
+    arr, _ = _bone_phantom()
+    out, rec = K.postprocess_knee_labels(_volume(arr), keep_largest=(), min_component_ml={})
+    np.testing.assert_array_equal(out.array, arr)
+
+
+def test_geometry_names_meta_and_the_input_are_kept() -> None:
+    arr, _ = _bone_phantom()
+    vol = _volume(arr, meta={"source": "phantom"})
+    before = arr.copy()
+    out, _ = K.postprocess_knee_labels(vol)
+    assert isinstance(out, LabelVolume)
+    assert out.shape == vol.shape and np.array_equal(out.affine, vol.affine)
+    assert out.array.dtype == np.uint8 and out.labels == vol.labels and out.schema == "knee"
+    assert out.meta["source"] == "phantom"
+    np.testing.assert_array_equal(vol.array, before)     # the input is not modified
+
+
+def test_the_step_is_stable_when_run_twice() -> None:
+    arr, _ = _bone_phantom()
+    arr[2:4, 30:32, 3:5] = FCART
+    once, _ = K.postprocess_knee_labels(_volume(arr))
+    twice, rec = K.postprocess_knee_labels(once)
+    np.testing.assert_array_equal(twice.array, once.array)
+    assert all(r["voxels_removed"] == 0 for r in rec["removed"].values())
+
+
+def test_a_heavily_fragmented_bone_is_a_warning() -> None:
+    a = np.zeros((30, 30, 30), np.uint8)
+    a[2:12, 2:12, 2:12] = TIBIA                # 1000 voxels
+    a[20:25, 20:25, 20:24] = TIBIA             # 100 voxels detached: 9.1 % > 5 %
+    a[20:22, 2:4, 2:4] = FEMUR                 # a single femur: no warning
+    _, rec = K.postprocess_knee_labels(_volume(a))
+    warnings = K.postprocess_warnings(rec)
+    assert len(warnings) == 1 and warnings[0].startswith("tibia:")
+    assert "9.1 %" in warnings[0] and "fragmented" in warnings[0]
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"keep_largest": ("femurr",)}, "unknown knee class"),
+    ({"min_component_ml": {"acl": 0.05}}, "unknown knee class"),
+    ({"min_component_ml": {"patellar_tendon": -1.0}}, ">= 0 mL"),
+    ({"bone_connectivity": 4}, "6, 18 or 26"),
+    ({"thin_connectivity": 8}, "6, 18 or 26"),
+    ({"min_component_ml": {"femur": 1.0}}, "one rule"),
+])
+def test_bad_parameters_are_refused(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(K.KneeSegmentationError, match=match):
+        K.postprocess_knee_labels(_volume(np.zeros((4, 4, 4))), **kwargs)  # type: ignore[arg-type]
+
+
+def test_unknown_geometry_is_refused() -> None:
+    vol = LabelVolume(np.ones((4, 4, 4), np.uint8), np.eye(4), dict(KNEE), schema="knee",
+                      geometry_known=False)
+    with pytest.raises(GeometryError, match="post-processing"):
+        K.postprocess_knee_labels(vol)
+
+
+def test_the_segmenter_applies_and_records_the_step() -> None:
+    torch = pytest.importorskip("torch")
+    from mskmri.volume import Volume
+
+    class ThresholdNet(torch.nn.Module):  # type: ignore[name-defined,misc]
+        """Logits: femur where the normalised input > 0.5, background elsewhere."""
+
+        def forward(self, x: Any) -> Any:
+            out = torch.full((x.shape[0], K.N_CLASSES, *x.shape[2:]), -10.0, dtype=x.dtype)
+            out[:, 0] = 0.5 - x[:, 0]
+            out[:, 1] = x[:, 0] - 0.5
+            return out
+
+    # a bright 40 mm cube and, 6 mm from it, a bright 4 mm cube: two "femur" components
+    arr = np.full((40, 40, 40), 100.0, np.float32)
+    arr[8:28, 8:28, 8:28] = 1000.0
+    arr[31:33, 16:18, 16:18] = 1000.0
+    image = Volume(arr, np.diag([2.0, 2.0, 2.0, 1.0]))
+    raw = K.KneeSegmenter(ThresholdNet(), ThresholdNet(), precision="fp32", backend="torch",
+                          keep_largest=(), min_component_ml={}).run(image)
+    import cc3d
+
+    assert cc3d.connected_components(raw.labels.array == FEMUR, connectivity=26).max() == 2
+    res = K.KneeSegmenter(ThresholdNet(), ThresholdNet(), precision="fp32",
+                          backend="torch").run(image)
+    lab = res.labels.array
+    assert cc3d.connected_components(lab == FEMUR, connectivity=26).max() == 1
+    assert (lab[31:33, 16:18, 16:18] == 0).all()
+    np.testing.assert_array_equal(lab[raw.labels.array != FEMUR], 0)
+    femur = res.postprocess["removed"]["femur"]
+    assert femur["components_removed"] == 1 and femur["voxels_removed"] == 8
+    assert res.labels.meta["postprocess"] == res.postprocess
+    assert "postprocess_s" in res.timings_s
