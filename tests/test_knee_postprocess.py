@@ -165,6 +165,29 @@ def test_the_step_is_stable_when_run_twice() -> None:
     assert all(r["voxels_removed"] == 0 for r in rec["removed"].values())
 
 
+def test_on_a_noisy_map_every_bone_is_one_piece_and_every_thin_component_big_enough() -> None:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(7)
+    classes = np.array([0, FEMUR, TIBIA, PATELLA, FCART, MENISCUS, MUSCLE], np.uint8)
+    a = classes[rng.integers(0, classes.size, (36, 36, 36))]      # salt and pepper
+    a[2:18, 2:18, 2:18] = FEMUR
+    a[20:34, 2:18, 2:18] = TIBIA
+    a[18:20, 4:16, 4:16] = FCART                                  # 288 voxels: too small
+    a[2:18, 20:34, 2:20] = FCART                                  # 4032 voxels: kept
+    out, rec = K.postprocess_knee_labels(_volume(a))
+    res = out.array
+    for c in (FEMUR, TIBIA, PATELLA):
+        assert ndimage.label(res == c)[1] == 1                    # face-connected: one piece
+    min_vox = K.MIN_COMPONENT_ML["femoral_cartilage"] / VOXEL_ML
+    sizes = np.bincount(ndimage.label(res == FCART, np.ones((3, 3, 3)))[0].ravel())[1:]
+    assert sizes.min() >= min_vox and (res[2:18, 20:34, 2:20] == FCART).all()
+    assert rec["removed"]["femur"]["components_removed"] > 100
+    again, rec2 = K.postprocess_knee_labels(out)
+    np.testing.assert_array_equal(again.array, res)
+    assert all(r["voxels_removed"] == 0 for r in rec2["removed"].values())
+
+
 def test_a_heavily_fragmented_bone_is_a_warning() -> None:
     a = np.zeros((30, 30, 30), np.uint8)
     a[2:12, 2:12, 2:12] = TIBIA                # 1000 voxels

@@ -17,10 +17,10 @@ Pipeline of :func:`segment_knee` (METHODS.md section 3, issue 3):
 4. the fine labels are brought back onto the input grid: smoothly (:func:`labels_to_grid`)
    around cartilage and menisci, by nearest neighbour elsewhere; voxels outside the region
    are background;
-5. anatomical post-processing on the input grid (:func:`postprocess_knee_labels`): each bone
-   keeps its largest 3-D connected component (:data:`KEEP_LARGEST_CLASSES`), cartilage,
-   menisci, ligaments and the patellar tendon drop components smaller than
-   :data:`MIN_COMPONENT_ML`; removed voxels take the majority label of their kept
+5. anatomical post-processing on the input grid (:func:`postprocess_knee_labels`):
+   cartilage, menisci, ligaments and the patellar tendon drop components smaller than
+   :data:`MIN_COMPONENT_ML`, then each bone keeps its largest 3-D connected component
+   (:data:`KEEP_LARGEST_CLASSES`); removed voxels take the majority label of their kept
    neighbours (background when none). What was removed is recorded in
    ``meta["postprocess"]``.
 
@@ -343,6 +343,67 @@ def _fine_to_input(flab: np.ndarray, faff: np.ndarray, can: Volume, image: Volum
 _CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}
 
 
+def _drop_components(arr: np.ndarray, ids: Sequence[int], connectivity: int,
+                     min_voxels: dict[int, float] | None, voxel_ml: float,
+                     record: dict[str, dict[str, Any]]) -> np.ndarray:
+    """One rule of :func:`postprocess_knee_labels` on ``arr`` (a new array is returned).
+
+    ``min_voxels`` None: each class of ``ids`` keeps its largest component; otherwise each
+    class drops the components with fewer voxels than its entry. Removed components take
+    the majority label of their kept shell (background when none); ``record`` gets one entry
+    per class present.
+    """
+    import cc3d
+    from scipy import ndimage
+
+    out = arr.copy()
+    if not ids:
+        return out
+    sel = np.where(np.isin(arr, ids), arr, 0).astype(np.uint8, copy=False)
+    comp, n = cc3d.connected_components(sel, connectivity=cast(Literal[6, 18, 26], connectivity),
+                                        return_N=True)
+    if n == 0:
+        return out
+    flat = comp.ravel()
+    counts = np.bincount(flat, minlength=n + 1)
+    comp_class = np.zeros(n + 1, np.int64)
+    comp_class[flat] = sel.ravel()
+    remove = np.zeros(n + 1, bool)
+    for c in ids:
+        own = np.flatnonzero(comp_class == c)
+        own = own[own > 0]
+        if own.size == 0:
+            continue
+        if min_voxels is not None:
+            remove[own[counts[own] < min_voxels[c]]] = True
+        elif own.size > 1:
+            remove[own] = True
+            remove[own[int(np.argmax(counts[own]))]] = False
+        gone = own[remove[own]]
+        record[KNEE[c]] = {
+            "components": int(own.size), "components_removed": int(gone.size),
+            "voxels_removed": int(counts[gone].sum()),
+            "ml_removed": round(float(counts[gone].sum() * voxel_ml), 4),
+            "ml_before": round(float(counts[own].sum() * voxel_ml), 4)}
+    if not remove.any():
+        return out
+    removed_mask = remove[comp]
+    struct = ndimage.generate_binary_structure(3, _CONNECTIVITY_RANK[connectivity])
+    boxes = ndimage.find_objects(np.where(removed_mask, comp, 0))
+    for k in np.flatnonzero(remove):
+        box = boxes[k - 1]
+        if box is None:  # pragma: no cover - every removed id has voxels
+            continue
+        grown = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, size))
+                      for b, size in zip(box, arr.shape, strict=True))
+        own_mask = comp[grown] == k
+        shell = ndimage.binary_dilation(own_mask, structure=struct) & ~own_mask \
+            & ~removed_mask[grown]
+        near = arr[grown][shell]
+        out[grown][own_mask] = int(np.argmax(np.bincount(near))) if near.size else 0
+    return out
+
+
 def postprocess_knee_labels(
         labels: LabelVolume, *,
         keep_largest: Sequence[str] = KEEP_LARGEST_CLASSES,
@@ -352,18 +413,22 @@ def postprocess_knee_labels(
 ) -> tuple[LabelVolume, dict[str, Any]]:
     """Anatomical clean-up of a knee label map: one body per bone, no specks of thin tissue.
 
-    1. Components: 3-D connected components (:func:`cc3d.connected_components` on the
-       multi-label map) of the ``keep_largest`` classes with ``bone_connectivity`` and of
-       the ``min_component_ml`` classes with ``thin_connectivity``.
-    2. Removal: of each ``keep_largest`` class all components but the largest (ties: the
-       first in C order); of each ``min_component_ml`` class the components smaller than its
-       volume (mL; one of exactly that volume is kept).
-    3. Filling: each removed component takes the most frequent label among the voxels of its
-       one-voxel shell (its connectivity's neighbourhood) that are not removed themselves;
-       background when there is none. A bone speck inside the tibia becomes tibia, a
-       cartilage speck in the fat becomes fat, an island in air becomes background. Filling
-       only adds voxels to kept components (a shell never holds the component's own class),
-       so running the step again changes nothing.
+    Two passes, each on the result of the one before:
+
+    1. thin structures: 3-D connected components (:func:`cc3d.connected_components` on the
+       multi-label map, ``thin_connectivity``) of the ``min_component_ml`` classes; those
+       smaller than their class's volume (mL) are removed (one of exactly that volume stays);
+    2. bones: components of the ``keep_largest`` classes (``bone_connectivity``); all but
+       the largest of each class are removed (ties: the first in C order). This pass comes
+       second because a thin speck filled with a bone label may touch that bone at an edge
+       only.
+
+    Filling: each removed component takes the most frequent label among the voxels of its
+    one-voxel shell (the pass's connectivity neighbourhood) that are not removed themselves;
+    background when there is none. A bone speck inside the tibia becomes tibia, a cartilage
+    speck in the fat becomes fat, an island in air becomes background. Filling only adds
+    voxels to kept components (a shell never holds the component's own class), so running
+    the step again changes nothing.
 
     Parameters
     ----------
@@ -396,9 +461,6 @@ def postprocess_knee_labels(
     GeometryError
         Unknown geometry.
     """
-    import cc3d
-    from scipy import ndimage
-
     min_ml = dict(MIN_COMPONENT_ML if min_component_ml is None else min_component_ml)
     unknown = sorted(n for n in (*keep_largest, *min_ml) if n not in KNEE_ID)
     if unknown:
@@ -431,60 +493,14 @@ def postprocess_knee_labels(
         "keep_largest": list(keep_largest), "min_component_ml": min_ml,
         "fill": "majority label of the kept neighbours, else background",
         "removed": removed_rec}
-    passes = []  # (component map, components to remove, connectivity)
-    for ids, conn in (([KNEE_ID[n] for n in keep_largest], bone_connectivity),
-                      (sorted(min_vox), thin_connectivity)):
-        if not ids:
-            continue
-        sel = np.where(np.isin(arr, ids), arr, 0).astype(np.uint8, copy=False)
-        comp, n = cc3d.connected_components(sel, connectivity=cast(Literal[6, 18, 26], conn),
-                                            return_N=True)
-        if n == 0:
-            continue
-        flat = comp.ravel()
-        counts = np.bincount(flat, minlength=n + 1)
-        comp_class = np.zeros(n + 1, np.int64)
-        comp_class[flat] = sel.ravel()
-        remove = np.zeros(n + 1, bool)
-        for c in ids:
-            own = np.flatnonzero(comp_class == c)
-            own = own[own > 0]
-            if own.size == 0:
-                continue
-            if c in min_vox:
-                remove[own[counts[own] < min_vox[c]]] = True
-            elif own.size > 1:
-                remove[own] = True
-                remove[own[int(np.argmax(counts[own]))]] = False
-            gone = own[remove[own]]
-            removed_rec[KNEE[c]] = {
-                "components": int(own.size), "components_removed": int(gone.size),
-                "voxels_removed": int(counts[gone].sum()),
-                "ml_removed": round(float(counts[gone].sum() * voxel_ml), 4),
-                "ml_before": round(float(counts[own].sum() * voxel_ml), 4)}
-        if remove.any():
-            passes.append((comp, remove, conn))
-    out = arr.copy()
-    if passes:
-        removed_mask = np.zeros(arr.shape, bool)
-        for comp, remove, _ in passes:
-            removed_mask |= remove[comp]
-        for comp, remove, conn in passes:
-            struct = ndimage.generate_binary_structure(3, _CONNECTIVITY_RANK[conn])
-            boxes = ndimage.find_objects(np.where(remove[comp], comp, 0))
-            for k in np.flatnonzero(remove):
-                box = boxes[k - 1]
-                if box is None:  # pragma: no cover - every removed id has voxels
-                    continue
-                grown = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, size))
-                              for b, size in zip(box, arr.shape, strict=True))
-                own_mask = comp[grown] == k
-                shell = (ndimage.binary_dilation(own_mask, structure=struct) & ~own_mask
-                         & ~removed_mask[grown])
-                near = arr[grown][shell]
-                out[grown][own_mask] = int(np.argmax(np.bincount(near))) if near.size else 0
-        log.info("knee post-processing removed (mL) %s", {
-            k: v["ml_removed"] for k, v in removed_rec.items() if v["voxels_removed"]})
+    # thin structures first: a speck filled with a bone label (a cartilage speck inside the
+    # femur) may touch that bone at an edge only, and the bone pass then sees it
+    out = _drop_components(arr, [KNEE_ID[n] for n in min_ml], thin_connectivity, min_vox,
+                           voxel_ml, removed_rec)
+    out = _drop_components(out, [KNEE_ID[n] for n in keep_largest], bone_connectivity, None,
+                           voxel_ml, removed_rec)
+    log.info("knee post-processing removed (mL) %s", {
+        k: v["ml_removed"] for k, v in removed_rec.items() if v["voxels_removed"]})
     return labels.with_array(out), record  # type: ignore[return-value]
 
 
