@@ -85,26 +85,34 @@ def test_thin_structures_drop_components_below_the_minimum_volume_only() -> None
     a[2:10, 30:37, 30:37] = FCART           # 392 voxels = 0.049 mL < 0.05 mL: dropped
     a[2:10, 2:7, 30:40] = FCART             # exactly 400 voxels = 0.05 mL: kept
     a[25:27, 20:22, 20:22] = FCART          # 8 voxels inside the femur: becomes femur
-    a[5:7, 30:32, 3:5] = MENISCUS           # 8 voxels, the whole meniscus: dropped
+    a[5:7, 30:32, 3:5] = MENISCUS           # 8 voxels (0.001 mL), the whole meniscus
     out, rec = K.postprocess_knee_labels(_volume(a))
     res = out.array
     assert (res[10:15, 5:25, 5:25] == FCART).all()
     assert (res[2:10, 2:7, 30:40] == FCART).all()
     assert (res[2:10, 30:37, 30:37] == 0).all()
     assert (res[25:27, 20:22, 20:22] == FEMUR).all()
-    assert not (res == MENISCUS).any()
     assert (res == FCART).sum() == 2000 + 400
     assert rec["removed"]["femoral_cartilage"] == {
         "components": 4, "components_removed": 2, "voxels_removed": 400,
         "ml_removed": round(400 * VOXEL_ML, 4), "ml_before": round(2800 * VOXEL_ML, 4)}
-    assert rec["removed"]["medial_meniscus"]["components_removed"] == 1
-    warnings = K.postprocess_warnings(rec)
-    assert any(w.startswith("medial_meniscus:") and "absent" in w for w in warnings)
-    assert not any(w.startswith("femoral_cartilage") for w in warnings)
-    # a larger minimum, given by the caller, drops the 0.05 mL piece too
-    out2, _ = K.postprocess_knee_labels(_volume(a), min_component_ml={"femoral_cartilage": 0.1})
+    # menisci: counted, but no minimum by default (K.MIN_MENISCUS_ML = 0)
+    assert (res[5:7, 30:32, 3:5] == MENISCUS).all()
+    assert rec["removed"]["medial_meniscus"] == {
+        "components": 1, "components_removed": 0, "voxels_removed": 0, "ml_removed": 0.0,
+        "ml_before": round(8 * VOXEL_ML, 4)}
+    assert K.postprocess_warnings(rec) == []
+    # minima given by the caller: the 0.05 mL cartilage piece and the whole meniscus go
+    out2, rec2 = K.postprocess_knee_labels(
+        _volume(a), min_component_ml={"femoral_cartilage": 0.1, "medial_meniscus": 0.002})
     assert (out2.array == FCART).sum() == 2000
-    assert (out2.array == MENISCUS).sum() == 8     # meniscus not checked any more
+    assert not (out2.array == MENISCUS).any() and (out2.array[5:7, 30:32, 3:5] == 0).all()
+    warnings = K.postprocess_warnings(rec2)
+    assert len(warnings) == 1
+    assert warnings[0].startswith("medial_meniscus:") and "absent" in warnings[0]
+    # no minimum for a class: not checked, not in the record
+    out3, rec3 = K.postprocess_knee_labels(_volume(a), min_component_ml={"femoral_cartilage": 0.1})
+    assert (out3.array == MENISCUS).sum() == 8 and "medial_meniscus" not in rec3["removed"]
 
 
 def test_bones_are_face_connected_and_thin_structures_26_connected_by_default() -> None:

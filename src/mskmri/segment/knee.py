@@ -100,17 +100,19 @@ KEEP_LARGEST_CLASSES: tuple[str, ...] = ("femur", "tibia", "patella", "fibula")
 #: higher with this under-trained model, 0.2 mL 0.250, but would start to drop real remnants
 #: of thinned OA cartilage, so they are not used.)
 MIN_CARTILAGE_ML = 0.05
-#: Smallest component (mL) of each meniscus kept. Menisci are 2-3 mL each (a horn ~0.3 mL),
-#: but the shipped model predicts them as small pieces that partly lie on the true meniscus:
-#: on the same tuning renders any minimum lowered the menisci Dice (0.05 mL: 0.110 -> 0.107;
-#: 0.002 mL: 0.1095 -> 0.1092), so only specks (2 mm^3, 10-20 voxels of a knee sequence,
-#: below the size at which a meniscus can be resolved) are dropped.
-MIN_MENISCUS_ML = 0.002
-#: Smallest component (mL) of each ligament / the patellar tendon kept (ACL, PCL 1.5-3 mL,
-#: MCL 1-2 mL, LCL ~0.5 mL, patellar tendon 3-6 mL). Specks only, for the same reason as
-#: :data:`MIN_MENISCUS_ML` (tuning renders: PCL Dice 0.0109 -> 0.0078 with 0.05 mL, 0.0103
-#: with 0.002 mL).
-MIN_LIGAMENT_ML = 0.002
+#: Smallest component (mL) of each meniscus kept: 0, none is dropped with the shipped model.
+#: Menisci are 2-3 mL each (a horn ~0.3 mL), so anatomy alone would allow ~0.05 mL, but the
+#: shipped model predicts them as small pieces that partly lie on the true meniscus: on the
+#: tuning renders every minimum tried lowered the menisci Dice (0.0005 mL: 0.1095 -> 0.1094,
+#: 0.002 mL: 0.1092, 0.05 mL: 0.107; a held-out benchmark run made with 0.002 mL showed the
+#: same, 0.111 -> 0.110). Their components are still counted in the record. Tune it again,
+#: on validation renders, for a model whose menisci come out whole.
+MIN_MENISCUS_ML = 0.0
+#: Smallest component (mL) of each ligament / the patellar tendon kept: 0, for the same reason
+#: as :data:`MIN_MENISCUS_ML` (anatomy: ACL, PCL 1.5-3 mL, MCL 1-2 mL, LCL ~0.5 mL, patellar
+#: tendon 3-6 mL; tuning renders: PCL Dice 0.0109 -> 0.0108 with 0.0005 mL, 0.0078 with
+#: 0.05 mL).
+MIN_LIGAMENT_ML = 0.0
 #: Smallest component (mL) kept per thin structure by :func:`postprocess_knee_labels`.
 MIN_COMPONENT_ML: dict[str, float] = {
     **dict.fromkeys(("femoral_cartilage", "medial_tibial_cartilage", "lateral_tibial_cartilage",
