@@ -2,8 +2,10 @@
 
 Known answers on tiny synthetic label maps at 0.5 mm isotropic (one voxel = 1.25e-4 mL, so
 the default 0.05 mL minimum is exactly 400 voxels): detached bone fragments go, each to the
-label around it; small specks of thin structures go; main bodies, other classes and the
-geometry stay as they were.
+label around it; small specks of thin structures go; cartilage pieces that do not lie on
+their own bone go; main bodies, other classes and the geometry stay as they were. Tests of
+the first two rules on plates floating free of any bone switch the third off
+(``cartilage_bone={}``).
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def test_thin_structures_drop_components_below_the_minimum_volume_only() -> None
     a[2:10, 2:7, 30:40] = FCART             # exactly 400 voxels = 0.05 mL: kept
     a[25:27, 20:22, 20:22] = FCART          # 8 voxels inside the femur: becomes femur
     a[5:7, 30:32, 3:5] = MENISCUS           # 8 voxels (0.001 mL), the whole meniscus
-    out, rec = K.postprocess_knee_labels(_volume(a))
+    out, rec = K.postprocess_knee_labels(_volume(a), cartilage_bone={})
     res = out.array
     assert (res[10:15, 5:25, 5:25] == FCART).all()
     assert (res[2:10, 2:7, 30:40] == FCART).all()
@@ -104,14 +106,16 @@ def test_thin_structures_drop_components_below_the_minimum_volume_only() -> None
     assert K.postprocess_warnings(rec) == []
     # minima given by the caller: the 0.05 mL cartilage piece and the whole meniscus go
     out2, rec2 = K.postprocess_knee_labels(
-        _volume(a), min_component_ml={"femoral_cartilage": 0.1, "medial_meniscus": 0.002})
+        _volume(a), min_component_ml={"femoral_cartilage": 0.1, "medial_meniscus": 0.002},
+        cartilage_bone={})
     assert (out2.array == FCART).sum() == 2000
     assert not (out2.array == MENISCUS).any() and (out2.array[5:7, 30:32, 3:5] == 0).all()
     warnings = K.postprocess_warnings(rec2)
     assert len(warnings) == 1
     assert warnings[0].startswith("medial_meniscus:") and "absent" in warnings[0]
     # no minimum for a class: not checked, not in the record
-    out3, rec3 = K.postprocess_knee_labels(_volume(a), min_component_ml={"femoral_cartilage": 0.1})
+    out3, rec3 = K.postprocess_knee_labels(_volume(a), min_component_ml={"femoral_cartilage": 0.1},
+                                         cartilage_bone={})
     assert (out3.array == MENISCUS).sum() == 8 and "medial_meniscus" not in rec3["removed"]
 
 
@@ -123,12 +127,13 @@ def test_bones_are_face_connected_and_thin_structures_26_connected_by_default() 
     # 0.0625 mL component with 26-connectivity (kept), two too small with 6 (dropped)
     a[10:15, 10:15, 0:10] = FCART
     a[15:20, 15:20, 10:20] = FCART
-    out, rec = K.postprocess_knee_labels(_volume(a))
+    out, rec = K.postprocess_knee_labels(_volume(a), cartilage_bone={})
     assert (out.array[5:7, 5:7, 5:7] == 0).all() and (out.array[1:5, 1:5, 1:5] == FEMUR).all()
     assert rec["removed"]["femur"]["voxels_removed"] == 8
     assert (out.array == FCART).sum() == 500
     assert rec["connectivity"] == {"keep_largest": 6, "min_component": 26}
-    out, rec = K.postprocess_knee_labels(_volume(a), bone_connectivity=26, thin_connectivity=6)
+    out, rec = K.postprocess_knee_labels(_volume(a), bone_connectivity=26, thin_connectivity=6,
+                                       cartilage_bone={})
     assert (out.array == FEMUR).sum() == 64 + 8
     assert not (out.array == FCART).any()
     assert rec["removed"]["femoral_cartilage"]["components_removed"] == 2
@@ -260,3 +265,135 @@ def test_the_segmenter_applies_and_records_the_step() -> None:
     assert femur["components_removed"] == 1 and femur["voxels_removed"] == 8
     assert res.labels.meta["postprocess"] == res.postprocess
     assert "postprocess_s" in res.timings_s
+
+
+# ------------------------------------------------------------------ cartilage on its bone
+TCART_M, TCART_L = KNEE_ID["medial_tibial_cartilage"], KNEE_ID["lateral_tibial_cartilage"]
+#: Pieces of _plates_phantom that are off their bone (default 1.0 mm contact distance).
+OFF_BONE = {"fcart_gap_1.5mm": (slice(2, 12), slice(33, 37), slice(20, 30)),
+            "tcart_on_femur": (slice(2, 16), slice(30, 35), slice(32, 38)),
+            "fcart_in_muscle": (slice(33, 37), slice(48, 53), slice(15, 35))}
+
+
+def _plates_phantom() -> np.ndarray:
+    """Femur and tibia blocks, cartilage plates on them and pieces off them (0.5 mm voxels).
+
+    Every piece is >= 0.05 mL (400 voxels), so only the contact rule can remove it.
+    """
+    a = np.zeros((40, 60, 40), np.uint8)
+    a[2:16, 2:30, 2:38] = FEMUR
+    a[24:38, 2:30, 2:38] = TIBIA
+    a[16:18, 5:25, 5:35] = FCART        # on the femur (face contact): 1200 voxels
+    a[22:24, 5:25, 5:20] = TCART_M      # on the tibia: 600 voxels
+    a[22:24, 5:25, 22:35] = TCART_L     # on the tibia: 520 voxels
+    a[2:12, 32:36, 2:12] = FCART        # 400 voxels, y 30-31 empty: 1.0 mm gap, on the bone
+    a[OFF_BONE["fcart_gap_1.5mm"]] = FCART    # 400 voxels, y 30-32 empty: 1.5 mm gap
+    a[OFF_BONE["tcart_on_femur"]] = TCART_M   # 420 voxels on the femur, 4 mm from the tibia
+    a[30:40, 40:60, 0:40] = MUSCLE
+    a[OFF_BONE["fcart_in_muscle"]] = FCART    # 400 voxels inside the muscle
+    return a
+
+
+def test_cartilage_pieces_off_their_own_bone_are_removed_with_known_answers() -> None:
+    from scipy import ndimage
+
+    a = _plates_phantom()
+    out, rec = K.postprocess_knee_labels(_volume(a))
+    res = out.array
+    # kept: the plates on their bones and the piece 1.0 mm from the femur
+    assert (res[16:18, 5:25, 5:35] == FCART).all() and (res[2:12, 32:36, 2:12] == FCART).all()
+    assert (res[22:24, 5:25, 5:20] == TCART_M).all() and (res[22:24, 5:25, 22:35] == TCART_L).all()
+    # removed, each to the majority label of its neighbours: air, air, muscle
+    assert (res[OFF_BONE["fcart_gap_1.5mm"]] == 0).all()
+    assert (res[OFF_BONE["tcart_on_femur"]] == 0).all()       # 98 femur vs 378 air neighbours
+    assert (res[OFF_BONE["fcart_in_muscle"]] == MUSCLE).all()
+    off = np.zeros(a.shape, bool)
+    for box in OFF_BONE.values():
+        off[box] = True
+    np.testing.assert_array_equal(res != a, off)              # nothing else changed
+    assert (res == FCART).sum() == 1200 + 400 and (res == TCART_M).sum() == 600
+    for c in (FEMUR, TIBIA):
+        assert ndimage.label(res == c)[1] == 1
+    cob = rec["cartilage_on_bone"]
+    assert cob["contact_mm"] == K.CARTILAGE_BONE_CONTACT_MM == 1.0
+    assert cob["bone_of"] == K.CARTILAGE_BONE and cob["connectivity"] == 26
+    assert cob["removed"]["femoral_cartilage"] == {
+        "components": 4, "components_removed": 2, "voxels_removed": 800,
+        "ml_removed": round(800 * VOXEL_ML, 4), "ml_before": round(2400 * VOXEL_ML, 4)}
+    assert cob["removed"]["medial_tibial_cartilage"] == {
+        "components": 2, "components_removed": 1, "voxels_removed": 420,
+        "ml_removed": round(420 * VOXEL_ML, 4), "ml_before": round(1020 * VOXEL_ML, 4)}
+    assert cob["removed"]["lateral_tibial_cartilage"]["components_removed"] == 0
+    assert "patellar_cartilage" not in cob["removed"]          # absent: no entry
+    assert K.postprocess_warnings(rec) == []
+    json.dumps(rec)
+    # without the rule every piece stays (they are all >= the minimum volume)
+    plain, rec0 = K.postprocess_knee_labels(_volume(a), cartilage_bone={})
+    np.testing.assert_array_equal(plain.array, a)
+    assert "cartilage_on_bone" not in rec0
+    # contact distance 0: only touching pieces stay (the one 1.0 mm away goes too)
+    zero, _ = K.postprocess_knee_labels(_volume(a), cartilage_contact_mm=0.0)
+    assert (zero.array == FCART).sum() == 1200
+    # 1.5 mm: the piece 1.5 mm away stays as well
+    wide, _ = K.postprocess_knee_labels(_volume(a), cartilage_contact_mm=1.5)
+    assert (wide.array == FCART).sum() == 1200 + 400 + 400
+    # the rule only: a map of these pieces is stable under a second run
+    again, rec2 = K.postprocess_knee_labels(out)
+    np.testing.assert_array_equal(again.array, res)
+    assert all(r["voxels_removed"] == 0 for r in rec2["cartilage_on_bone"]["removed"].values())
+
+
+def test_contact_is_measured_in_mm_with_anisotropic_spacing() -> None:
+    # 0.3 x 0.3 x 2.0 mm voxels. Face contact along the 2 mm axis is contact (gap 0, though
+    # the voxel centres are 2 mm apart); one empty 2 mm slice between is a 2 mm gap; along
+    # the 0.3 mm axis 3 empty voxels are a 0.9 mm gap, 4 voxels 1.2 mm.
+    a = np.zeros((60, 30, 20), np.uint8)
+    a[10:30, 5:25, 0:8] = FEMUR
+    pieces = {"z_contact": (slice(12, 18), slice(8, 22), slice(8, 9)),
+              "z_gap_2mm": (slice(22, 28), slice(8, 22), slice(9, 11)),
+              "x_gap_0.9mm": (slice(33, 36), slice(8, 22), slice(0, 6)),
+              "x_gap_1.2mm": (slice(34, 37), slice(1, 5), slice(0, 6))}
+    for box in pieces.values():
+        a[box] = FCART
+    vol = LabelVolume(a, np.diag([0.3, 0.3, 2.0, 1.0]), dict(KNEE), schema="knee")  # type: ignore[arg-type]
+
+    def kept(contact_mm: float) -> set[str]:
+        out, _ = K.postprocess_knee_labels(vol, min_component_ml={},
+                                           cartilage_contact_mm=contact_mm)
+        for name, box in pieces.items():
+            assert (out.array[box] == FCART).all() or (out.array[box] == 0).all(), name
+        return {name for name, box in pieces.items() if (out.array[box] == FCART).all()}
+
+    assert kept(1.0) == {"z_contact", "x_gap_0.9mm"}
+    assert kept(0.0) == {"z_contact"}
+    assert kept(1.19) == {"z_contact", "x_gap_0.9mm"}
+    assert kept(1.2) == {"z_contact", "x_gap_0.9mm", "x_gap_1.2mm"}
+    assert kept(2.0) == set(pieces)
+    _, rec = K.postprocess_knee_labels(vol, min_component_ml={})
+    r = rec["cartilage_on_bone"]["removed"]["femoral_cartilage"]
+    assert r["components"] == 4 and r["components_removed"] == 2
+    assert r["voxels_removed"] == 6 * 14 * 2 + 3 * 4 * 6
+
+
+def test_a_plate_whose_bone_is_absent_is_removed_and_warned() -> None:
+    a = np.zeros((30, 30, 30), np.uint8)
+    a[2:20, 2:20, 2:20] = FEMUR
+    a[20:22, 4:18, 4:18] = FCART                  # on the femur: kept
+    a[22:24, 4:18, 4:18] = KNEE_ID["patellar_cartilage"]   # on femoral cartilage, no patella
+    out, rec = K.postprocess_knee_labels(_volume(a), min_component_ml={})
+    assert not (out.array == KNEE_ID["patellar_cartilage"]).any()
+    assert (out.array[22:24, 4:18, 4:18] == 0).all()     # 196 cartilage vs 412 air neighbours
+    warnings = K.postprocess_warnings(rec)
+    assert len(warnings) == 1 and warnings[0].startswith("patellar_cartilage:")
+    assert "patella" in warnings[0] and "absent" in warnings[0]
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"cartilage_bone": {"femoral_cartilage": "femurr"}}, "unknown knee class"),
+    ({"cartilage_bone": {"cartilage": "femur"}}, "unknown knee class"),
+    ({"cartilage_contact_mm": -0.5}, ">= 0 mm"),
+    ({"cartilage_contact_mm": float("nan")}, ">= 0 mm"),
+])
+def test_bad_contact_parameters_are_refused(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(K.KneeSegmentationError, match=match):
+        K.postprocess_knee_labels(_volume(np.zeros((4, 4, 4))), **kwargs)  # type: ignore[arg-type]
