@@ -264,6 +264,8 @@ def test_the_segmenter_applies_and_records_the_step() -> None:
     femur = res.postprocess["removed"]["femur"]
     assert femur["components_removed"] == 1 and femur["voxels_removed"] == 8
     assert res.labels.meta["postprocess"] == res.postprocess
+    assert res.postprocess["cartilage_on_bone"]["contact_mm"] == K.CARTILAGE_BONE_CONTACT_MM
+    assert res.postprocess["cartilage_on_bone"]["removed"] == {}     # no cartilage here
     assert "postprocess_s" in res.timings_s
 
 
