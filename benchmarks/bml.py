@@ -124,8 +124,8 @@ def _painters(model: str, methods: list[str]) -> dict[str, Any]:
     return out
 
 
-def _detect(painter: Any, img: Any, seg: Any, *, threshold: float, smooth: bool = True
-            ) -> Any:
+def _detect(painter: Any, img: Any, seg: Any, *, threshold: float | None,
+            smooth: bool = True) -> Any:
     """``detect_bml`` for painters, ``detect_bml_mkd`` for the MKD scorer (same outputs)."""
     from mskmri.anomaly.inpaint import DetectConfig, detect_bml
     from mskmri.anomaly.mkd import MkdConfig, MkdScorer, detect_bml_mkd
@@ -275,11 +275,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", choices=["inpaint", "stub", "mkd"],
                     default=["inpaint", "stub", "mkd"])
     ap.add_argument("--no-foreign", action="store_true", help="skip the foreign synthesis")
+    ap.add_argument("--no-ablation", action="store_true", help="skip the MKD plain-gradient "
+                    "ablation")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="combine the methods and speed sections of earlier runs (same data, "
+                    "e.g. methods run in parallel processes) into --out, then stop")
+    ap.add_argument("--speed-only", action="store_true", help="only the speed section")
     ap.add_argument("--speed-repeats", type=int, default=3,
                     help="timed detections of one 160x384x384 knee (0: no speed section)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(1)
+    if args.merge:
+        return _merge(args.merge, args.out, argv)
     args.cache.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
@@ -326,25 +334,21 @@ def main(argv: list[str] | None = None) -> int:
 
     painters = _painters(args.model, args.methods)
     results: dict[str, Any] = {}
-    for name, painter in painters.items():
-        from mskmri.anomaly.postprocess import calibrate_threshold
-
-        zs, bones, sps = [], [], []
-        for kind, p, c, ip in calib:  # validation subjects only
-            img, seg, _ = _volumes(rendered(kind, p, c, ip), c)
-            res = _detect(painter, img, seg, threshold=float("inf"), smooth=False)
-            zs.append(res.zmap.array)
-            bones.append(seg.array == 1)
-            sps.append(img.spacing)
-        level = calibrate_threshold(zs, bones, sps, fpr=CALIBRATION_FPR)
-        per_case = [_run_case(name, painter, kind, p, c, ip, rendered(kind, p, c, ip), level)
+    for name, painter in ({} if args.speed_only else painters).items():
+        # validation subjects only; the detector interpolates the table at each input's
+        # in-plane spacing exactly as the shipped CLI does with the card's table
+        painter.thresholds = calibrate_by_inplane(painter, calib, rendered)
+        per_case = [_run_case(name, painter, kind, p, c, ip, rendered(kind, p, c, ip))
                     for kind, p, c, ip in cases]
         results[name] = {"painter": getattr(painter, "card", None) or type(painter).__name__,
-                         "threshold_z": level, "calibration_fpr": CALIBRATION_FPR,
+                         "thresholds_by_inplane_mm": painter.thresholds,
+                         "calibration_fpr": CALIBRATION_FPR,
                          "cases": per_case, "summary": _summarise(per_case)}
-        if name == "mkd":
+        if name == "mkd" and not args.no_ablation:
             results["mkd-plain-gradient"] = _mkd_ablation(painter, cases, calib, rendered)
     speed = _speed(painters, rendered, cases, args.speed_repeats) if args.speed_repeats else {}
+    for res in results.values():
+        res["summary"] = _summarise(res["cases"])
     doc = {
         "schema": "mskmri/benchmark/bml/2",
         "command": " ".join(["python", "benchmarks/bml.py", *(argv if argv is not None
@@ -359,8 +363,9 @@ def main(argv: list[str] | None = None) -> int:
                  "calibration_val_lesion_free": [Path(p).name for p in val_free[:n_cal]],
                  "inplanes": list(inplanes), "contrasts": list(contrasts),
                  "inserted_ml": list(INSERTED_ML), "calibration_fpr": CALIBRATION_FPR,
-                 "calibration": "IW-FS renders of the validation maps at every in-plane "
-                                "matrix, voxels pooled",
+                 "calibration": "IW-FS renders of the validation maps, one threshold per "
+                                "in-plane matrix (voxels of its knees pooled), interpolated "
+                                "in log(spacing) at each input's in-plane spacing",
                  "foreign": None if args.no_foreign else {
                      "lesion_ml": list(FOREIGN_LESION_ML),
                      "lesions_per_knee": FOREIGN_LESIONS_PER_KNEE,
@@ -394,6 +399,35 @@ NOTES = ("Held-out OAI test maps (split by subject, both time points together). 
          "gradient map (ablation).")
 
 
+def _merge(paths: list[Path], out: Path, argv: list[str] | None) -> int:
+    """One result from runs of disjoint methods on the same data (recomputed targets)."""
+    import json
+
+    docs = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
+    base = docs[0]
+    for d in docs[1:]:
+        if d["data"] != base["data"]:
+            raise SystemExit(f"cannot merge: {paths[0]} and another run used other data")
+        base["methods"].update(d["methods"])
+        if d.get("speed", {}).get("seconds"):
+            speed = base.setdefault("speed", {})
+            secs = {**speed.get("seconds", {}), **d["speed"]["seconds"]}
+            base["speed"] = {**speed, **d["speed"], "seconds": secs}
+    base["merged_from"] = [{"command": d["command"], "date": d["date"],
+                            "methods": sorted(d["methods"]), "seconds": d["seconds"]}
+                           for d in docs]
+    base["command"] = " ".join(["python", "benchmarks/bml.py",
+                                *(argv if argv is not None else sys.argv[1:])])
+    base["seconds"] = round(sum(d["seconds"] for d in docs), 1)
+    base["targets"] = _targets(base["methods"], base.get("speed", {}))
+    from mskmri.io import atomic_write_json
+
+    atomic_write_json(out, base)
+    _figure(base["methods"], out.parent / "figures" / "bml_dice_by_size.png")
+    log.info("merged %d runs into %s", len(docs), out)
+    return 0
+
+
 def _foreign_cached(path: str, seed: int, cache: Path) -> dict[str, Any]:
     """:func:`foreign_bml_knee`, cached like the renders."""
     import json
@@ -415,12 +449,36 @@ def _foreign_cached(path: str, seed: int, cache: Path) -> dict[str, Any]:
             "key": key, "meta": json.loads(str(z["meta"]))}
 
 
-def _run_case(name: str, painter: Any, kind: str, p: str, c: str, ip: int, r: dict[str, Any],
-              level: float) -> dict[str, Any]:
-    """Detect on one case and evaluate inside the femur."""
+def calibrate_by_inplane(painter: Any, calib: list[tuple[str, str, str, int]],
+                         rendered: Any) -> list[tuple[float, float]]:
+    """Per in-plane matrix, the threshold at :data:`CALIBRATION_FPR` on lesion-free knees.
+
+    Returns ``(in-plane spacing mm, threshold)`` pairs, the model card's
+    ``thresholds_by_inplane_mm``.
+    """
+    from mskmri.anomaly.postprocess import calibrate_threshold
+
+    groups: dict[int, list[tuple[Any, Any, Any]]] = {}
+    spacing: dict[int, float] = {}
+    for kind, p, c, ip in calib:
+        img, seg, _ = _volumes(rendered(kind, p, c, ip), c)
+        res = _detect(painter, img, seg, threshold=float("inf"), smooth=False)
+        groups.setdefault(ip, []).append((res.zmap.array, seg.array == 1, img.spacing))
+        spacing[ip] = float(np.mean(img.reorient("RAS").spacing[1:]))
+    table = []
+    for ip, items in sorted(groups.items()):
+        level = calibrate_threshold([z for z, _, _ in items], [b for _, b, _ in items],
+                                    [s for _, _, s in items], fpr=CALIBRATION_FPR)
+        table.append((round(spacing[ip], 5), float(level)))
+    return table
+
+
+def _run_case(name: str, painter: Any, kind: str, p: str, c: str, ip: int, r: dict[str, Any]
+              ) -> dict[str, Any]:
+    """Detect on one case (threshold from ``painter.thresholds``) and evaluate in the femur."""
     img, seg, les = _volumes(r, c)
     t0 = time.perf_counter()
-    res = _detect(painter, img, seg, threshold=level)
+    res = _detect(painter, img, seg, threshold=None)
     secs = time.perf_counter() - t0
     # femoral lesions only (tibial/patellar ones are outside the detector's ROI)
     femur = seg.array == 1
@@ -430,7 +488,8 @@ def _run_case(name: str, painter: Any, kind: str, p: str, c: str, ip: int, r: di
              Path(p).name, c, ip, ev["overlap_in_femur"]["dice"], ev["pred_ml"],
              ev["truth_ml"], secs)
     out = {"set": kind, "map": Path(p).name, "contrast": c, "inplane": ip,
-           "shape": list(img.shape), "seconds": round(secs, 1), "warnings": res.warnings, **ev}
+           "shape": list(img.shape), "threshold": res.record["config"]["postprocess"][
+               "threshold"], "seconds": round(secs, 1), "warnings": res.warnings, **ev}
     if "meta" in r:
         out["synthesis"] = r["meta"]
     return out
@@ -440,22 +499,15 @@ def _mkd_ablation(scorer: Any, cases: list[tuple[str, str, str, int]],
                   calib: list[tuple[str, str, str, int]], rendered: Any) -> dict[str, Any]:
     """The MKD student with the published plain-gradient map, on :data:`ABLATION_SETS`."""
     from mskmri.anomaly.mkd import MkdScorer
-    from mskmri.anomaly.postprocess import calibrate_threshold
 
     plain = MkdScorer(scorer.student, teacher=scorer.teacher, attribution="gradient")
     plain.card = scorer.card
-    zs, bones, sps = [], [], []
-    for kind, p, c, ip in calib:
-        img, seg, _ = _volumes(rendered(kind, p, c, ip), c)
-        res = _detect(plain, img, seg, threshold=float("inf"), smooth=False)
-        zs.append(res.zmap.array)
-        bones.append(seg.array == 1)
-        sps.append(img.spacing)
-    level = calibrate_threshold(zs, bones, sps, fpr=CALIBRATION_FPR)
+    plain.thresholds = calibrate_by_inplane(plain, calib, rendered)
     chosen = [cs for cs in cases if cs[0] in ABLATION_SETS and cs[2] == "iw-fs"]
     per_case = [_run_case("mkd-plain-gradient", plain, kind, p, c, ip,
-                          rendered(kind, p, c, ip), level) for kind, p, c, ip in chosen]
-    return {"painter": scorer.card, "attribution": "gradient", "threshold_z": level,
+                          rendered(kind, p, c, ip)) for kind, p, c, ip in chosen]
+    return {"painter": scorer.card, "attribution": "gradient",
+            "thresholds_by_inplane_mm": plain.thresholds,
             "calibration_fpr": CALIBRATION_FPR, "cases": per_case,
             "summary": _summarise(per_case)}
 

@@ -87,6 +87,21 @@ def test_a_painter_bias_is_removed_before_the_z_score() -> None:
     assert z[2:4, 16:22, 16:22].mean() > 10.0
 
 
+def test_threshold_precedence_argument_then_card_table_then_default() -> None:
+    from mskmri.anomaly.inpaint import card_thresholds, choose_threshold
+
+    table = card_thresholds({"thresholds_by_inplane_mm": [[1.25, 6.0], [0.625, 2.0]]})
+    sp = (0.7, 0.625, 0.625)
+    assert choose_threshold(4.5, table, sp, 3.0) == (4.5, {"source": "argument"})
+    level, rec = choose_threshold(None, table, sp, 3.0)
+    assert level == pytest.approx(2.0) and rec["input_inplane_mm"] == 0.625
+    assert choose_threshold(None, table, (0.7, 1.25, 1.25), 3.0)[0] == pytest.approx(6.0)
+    assert choose_threshold(None, None, sp, 3.0)[0] == 3.0
+    # an older card with one threshold holds at every spacing
+    assert choose_threshold(None, card_thresholds({"threshold": 2.2}), sp, 3.0)[0] == 2.2
+    assert card_thresholds({}) is None
+
+
 # ============================================================================ synthetic knee
 @pytest.fixture(scope="module")
 def knee() -> tuple[Volume, LabelVolume, LabelVolume]:

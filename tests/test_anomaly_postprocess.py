@@ -19,6 +19,7 @@ from mskmri.anomaly.postprocess import (
     roi_without_rim,
     slice_axis_of,
     smooth,
+    threshold_for_inplane,
 )
 
 
@@ -158,3 +159,18 @@ def test_lesion_table_rows() -> None:
     assert rows[0]["region"] == "trochlea" and rows[0]["bone"] == "femur"
     assert rows[1]["n_voxels"] == 8
     assert lesion_table(np.zeros_like(m), r, regions, (1, 1, 1)) == []
+
+
+def test_threshold_for_inplane_interpolates_in_log_spacing_and_clamps() -> None:
+    table = [(1.25, 6.0), (0.3125, 3.0), (0.625, 2.0)]  # any order
+    assert threshold_for_inplane(table, 0.625) == pytest.approx(2.0)
+    # halfway between 0.625 and 1.25 in log(spacing): sqrt(0.625 * 1.25)
+    assert threshold_for_inplane(table, float(np.sqrt(0.625 * 1.25))) == pytest.approx(4.0)
+    assert threshold_for_inplane(table, 0.1) == pytest.approx(3.0)
+    assert threshold_for_inplane(table, 5.0) == pytest.approx(6.0)
+    assert threshold_for_inplane([(0.5, 2.5)], 0.9) == pytest.approx(2.5)
+    with pytest.raises(PostprocessError, match="in-plane"):
+        threshold_for_inplane(table, 0.0)
+    with pytest.raises(PostprocessError, match="pairs"):
+        threshold_for_inplane([], 0.5)
+

@@ -129,6 +129,8 @@ class NetworkPainter:
         self.card: dict[str, Any] = {}
         #: Warnings every output made with this painter carries (unvalidated shipped model).
         self.caveats: list[str] = []
+        #: Calibrated (in-plane spacing mm, threshold) pairs from the card (None: none).
+        self.thresholds: list[tuple[float, float]] | None = None
         if isinstance(model, str) or hasattr(model, "__fspath__"):
             from mskmri.weights import model_caveat
 
@@ -137,6 +139,7 @@ class NetworkPainter:
             caveat = model_caveat(card.name)
             if caveat:
                 self.caveats.append(caveat)
+            self.thresholds = card_thresholds(card.extra)
             if card.input_spacing_mm:
                 spacing_mm = float(card.input_spacing_mm[-1])
         else:
@@ -433,6 +436,52 @@ def check_bml_inputs(image: Volume, seg: LabelVolume) -> float:
     return femur_ml
 
 
+def card_thresholds(extra: dict[str, Any]) -> list[tuple[float, float]] | None:
+    """Calibrated ``(in-plane spacing mm, threshold)`` pairs of a model card's ``extra``.
+
+    ``thresholds_by_inplane_mm`` (one per calibrated in-plane matrix) is preferred; a single
+    ``threshold`` is read as valid at every spacing. None when the card has neither.
+    """
+    table = extra.get("thresholds_by_inplane_mm")
+    if table:
+        return [(float(a), float(b)) for a, b in table]
+    if extra.get("threshold") is not None:
+        return [(1.0, float(extra["threshold"]))]
+    return None
+
+
+def choose_threshold(threshold: float | None, table: Sequence[Sequence[float]] | None,
+                     spacing: Sequence[float], default: float) -> tuple[float, dict[str, Any]]:
+    """The detection threshold and where it came from (recorded in every output).
+
+    Parameters
+    ----------
+    threshold : float or None
+        Given by the caller (``--threshold``): used as is.
+    table : sequence of (inplane_mm, threshold) or None
+        The model card's calibration (:func:`card_thresholds`), interpolated at the input's
+        in-plane spacing by :func:`mskmri.anomaly.postprocess.threshold_for_inplane`.
+    spacing : 3 floats, mm
+        RAS spacing of the input; axes 1-2 are the sagittal plane the detector works in.
+    default : float
+        Used when there is neither (``PostprocessConfig.threshold``).
+
+    Returns
+    -------
+    (float, dict)
+    """
+    from mskmri.anomaly.postprocess import threshold_for_inplane
+
+    if threshold is not None:
+        return float(threshold), {"source": "argument"}
+    if table:
+        inplane = float(np.mean(spacing[1:]))
+        return threshold_for_inplane(table, inplane), {
+            "source": "model card, calibrated per in-plane spacing",
+            "input_inplane_mm": round(inplane, 4), "table": [list(t) for t in table]}
+    return float(default), {"source": "default (no calibration)"}
+
+
 def detect_bml(image: Volume, seg: LabelVolume, *, painter: Painter | None = None,
                config: DetectConfig | None = None, contrast: str = "auto",
                threshold: float | None = None) -> BmlResult:
@@ -452,7 +501,8 @@ def detect_bml(image: Volume, seg: LabelVolume, *, painter: Painter | None = Non
         non-FS contrasts get :data:`DESS_WARNING`, an unknown one
         :data:`UNKNOWN_CONTRAST_WARNING`.
     threshold : float, optional
-        Overrides ``config.postprocess.threshold``.
+        Overrides the painter's calibrated thresholds (:func:`choose_threshold`) and
+        ``config.postprocess.threshold``.
 
     Returns
     -------
@@ -465,9 +515,6 @@ def detect_bml(image: Volume, seg: LabelVolume, *, painter: Painter | None = Non
     """
     t0 = time.perf_counter()
     cfg = config or DetectConfig()
-    if threshold is not None:
-        cfg = DetectConfig(**{**asdict(cfg), "postprocess": PostprocessConfig(
-            **{**cfg.postprocess.to_dict(), "threshold": float(threshold)})})
     femur_ml = check_bml_inputs(image, seg)
     orig_codes = "".join(image.orientation)
     img_r = image.reorient("RAS")
@@ -475,6 +522,11 @@ def detect_bml(image: Volume, seg: LabelVolume, *, painter: Painter | None = Non
     arr = np.asarray(img_r.array, dtype=np.float32)
     fem = femur_mask_of(seg_r)
     sp = img_r.spacing
+    painter = painter if painter is not None else NetworkPainter()
+    level, level_from = choose_threshold(threshold, getattr(painter, "thresholds", None), sp,
+                                         cfg.postprocess.threshold)
+    cfg = DetectConfig(**{**asdict(cfg), "postprocess": PostprocessConfig(
+        **{**cfg.postprocess.to_dict(), "threshold": level})})
     warnings: list[str] = []
     if contrast == "auto":
         contrast = guess_contrast(image)
@@ -484,7 +536,6 @@ def detect_bml(image: Volume, seg: LabelVolume, *, painter: Painter | None = Non
     elif contrast not in SENSITIVE_CONTRASTS:
         warnings.append(DESS_WARNING.format(contrast=contrast))
     # crop to the femur + margin, in-plane working grid, divided by the marrow median
-    painter = painter if painter is not None else NetworkPainter()
     warnings[:0] = list(getattr(painter, "caveats", []))
     work_sp = getattr(painter, "spacing_mm", None)
     inplane_mm = float(work_sp) if work_sp else float(np.mean(sp[1:]))
@@ -502,7 +553,8 @@ def detect_bml(image: Volume, seg: LabelVolume, *, painter: Painter | None = Non
         config=cfg.postprocess, warnings=warnings)
     record = {
         "method": "inpaint", "painting": "2-D sagittal slices",
-        "config": cfg.to_dict(), "cell_px": cell_px, "inplane_work_mm": inplane_mm,
+        "config": cfg.to_dict(), "threshold_from": level_from, "cell_px": cell_px,
+        "inplane_work_mm": inplane_mm,
         "contrast": contrast, "marrow_median": med, "steps": pp.steps,
         "min_paintings": int(count_w[fem_w].min()) if fem_w.any() else 0,
         "painter": getattr(painter, "card", None) or type(painter).__name__,
@@ -627,8 +679,14 @@ def detect_bml_file(image_path: str | Path, out_path: str | Path, *,
     if method not in METHODS:
         raise BmlDetectionError(f"unknown method {method!r}; choose one of {METHODS}")
     if method == "mkd":
-        raise BmlDetectionError("the MKD baseline is not implemented yet (issue 4); use "
-                                "--method inpaint")
+        from mskmri.anomaly.mkd import DEFAULT_MODEL as MKD_MODEL
+        from mskmri.anomaly.mkd import detect_bml_mkd_file
+
+        return detect_bml_mkd_file(
+            image_path, out_path, seg_path=seg_path, uncertainty_path=uncertainty_path,
+            table_path=table_path, contrast=contrast,
+            model=MKD_MODEL if model == DEFAULT_MODEL else model, threshold=threshold,
+            device=device)
     image = read(image_path)
     if seg_path is not None:
         seg = read_labels(seg_path, schema="knee")
@@ -639,8 +697,6 @@ def detect_bml_file(image_path: str | Path, out_path: str | Path, *,
         painter = LocalMeanPainter()
     else:
         painter = NetworkPainter(model, device=device)
-        if threshold is None:
-            threshold = _calibrated_threshold(model)
     result = detect_bml(image, seg, painter=painter, contrast=contrast, threshold=threshold)
     write_bml_outputs(result, image_path=image_path, seg_path=seg_path, out_path=out_path,
                       uncertainty_path=uncertainty_path, table_path=table_path)
@@ -663,15 +719,6 @@ def write_bml_outputs(result: BmlResult, *, image_path: str | Path, seg_path: st
         write(result.uncertainty, uncertainty_path)
     if table_path is not None:
         write_table(result.table, table_path)
-
-
-def _calibrated_threshold(model: str) -> float | None:
-    """The threshold stored in the model card's ``extra`` (None: the default)."""
-    from mskmri.nn.registry import read_card, resolve_weights
-
-    path, _ = resolve_weights(model)
-    value = read_card(path).extra.get("threshold")
-    return float(value) if value is not None else None
 
 
 def _segment_or_explain(image: Volume, device: str) -> LabelVolume:

@@ -50,7 +50,9 @@ from mskmri.anomaly.inpaint import (
     BmlResult,
     _robust_scale,
     bml_result,
+    card_thresholds,
     check_bml_inputs,
+    choose_threshold,
     femur_mask_of,
     femur_work_crop,
     guess_contrast,
@@ -267,7 +269,8 @@ class MkdScorer:
         self.card: dict[str, Any] = {}
         #: Warnings every output made with this scorer carries.
         self.caveats: list[str] = [TEACHER_WARNING]
-        self.threshold: float | None = None
+        #: Calibrated (in-plane spacing mm, threshold) pairs from the card (None: none).
+        self.thresholds: list[tuple[float, float]] | None = None
         if isinstance(model, str) or hasattr(model, "__fspath__"):
             from mskmri.nn.registry import load_model
             from mskmri.weights import model_caveat
@@ -277,8 +280,7 @@ class MkdScorer:
             caveat = model_caveat(card.name)
             if caveat:
                 self.caveats.append(caveat)
-            if card.extra.get("threshold") is not None:
-                self.threshold = float(card.extra["threshold"])
+            self.thresholds = card_thresholds(card.extra)
         else:
             net = model.to(device)
         for p in net.parameters():
@@ -381,7 +383,8 @@ def detect_bml_mkd(image: Volume, seg: LabelVolume, *, scorer: Any = None,
     contrast : str
         ``"auto"``, ``"iw-fs"``, ``"dess"``, ...
     threshold : float, optional
-        Overrides the calibrated threshold (scorer's card) and ``config.postprocess.threshold``.
+        Overrides the scorer's calibrated thresholds (:func:`.inpaint.choose_threshold`)
+        and ``config.postprocess.threshold``.
 
     Returns
     -------
@@ -397,16 +400,16 @@ def detect_bml_mkd(image: Volume, seg: LabelVolume, *, scorer: Any = None,
     t0 = time.perf_counter()
     cfg = config or MkdConfig()
     scorer = scorer if scorer is not None else MkdScorer()
-    level = threshold if threshold is not None else getattr(scorer, "threshold", None)
-    if level is not None:
-        cfg = MkdConfig(crop_margin_mm=cfg.crop_margin_mm, postprocess=PostprocessConfig(
-            **{**cfg.postprocess.to_dict(), "threshold": float(level)}))
     femur_ml = check_bml_inputs(image, seg)
     orig_codes = "".join(image.orientation)
     img_r, seg_r = image.reorient("RAS"), seg.reorient("RAS")
     arr = np.asarray(img_r.array, dtype=np.float32)
     fem = femur_mask_of(seg_r)
     sp = img_r.spacing
+    level, level_from = choose_threshold(threshold, getattr(scorer, "thresholds", None), sp,
+                                         cfg.postprocess.threshold)
+    cfg = MkdConfig(crop_margin_mm=cfg.crop_margin_mm, postprocess=PostprocessConfig(
+        **{**cfg.postprocess.to_dict(), "threshold": level}))
     warnings: list[str] = list(getattr(scorer, "caveats", [TEACHER_WARNING]))
     if contrast == "auto":
         contrast = guess_contrast(image)
@@ -432,7 +435,8 @@ def detect_bml_mkd(image: Volume, seg: LabelVolume, *, scorer: Any = None,
                         "seed": getattr(scorer, "seed", None), "sigma_px": GRAD_SIGMA_PX,
                         "opening_px": OPENING_PX, "lambda_mse": LAMBDA_MSE,
                         "input_scale": INPUT_SCALE, "normalised": "robust z over the femur"},
-        "config": cfg.to_dict(), "contrast": contrast, "marrow_median": med,
+        "config": cfg.to_dict(), "threshold_from": level_from, "contrast": contrast,
+        "marrow_median": med,
         "steps": pp.steps, "femur_ml": round(femur_ml, 3),
         "timing_s": {"score": round(t_score, 3), "total": round(time.perf_counter() - t0, 3)},
     }

@@ -392,6 +392,37 @@ def calibrate_threshold(residuals: Sequence[np.ndarray], bones: Sequence[np.ndar
     return level
 
 
+def threshold_for_inplane(table: Sequence[Sequence[float]], inplane_mm: float) -> float:
+    """Threshold for an image of in-plane spacing ``inplane_mm`` from a calibration table.
+
+    The tail of a noise-normalised residual depends on the input's resolution (an image
+    upsampled to the working grid has spatially correlated residuals), so thresholds are
+    calibrated per in-plane matrix; between the calibrated spacings the threshold is
+    interpolated linearly in ``log(spacing)``, and outside them the nearest one is used.
+
+    Parameters
+    ----------
+    table : sequence of (inplane_mm, threshold)
+        Calibrated points, any order; at least one.
+    inplane_mm : float
+        In-plane spacing of the input image, mm (> 0).
+
+    Returns
+    -------
+    float
+    """
+    pts = sorted((float(a), float(b)) for a, b in table)
+    if not pts or not all(np.isfinite(a) and a > 0 and np.isfinite(b) for a, b in pts):
+        raise PostprocessError(f"a threshold table needs (spacing mm > 0, threshold) pairs, "
+                               f"not {list(table)}")
+    if not (np.isfinite(inplane_mm) and inplane_mm > 0):
+        raise PostprocessError(f"in-plane spacing must be a positive number of mm, not "
+                               f"{inplane_mm}")
+    xs = np.log([a for a, _ in pts])
+    ys = [b for _, b in pts]
+    return float(np.interp(np.log(inplane_mm), xs, ys))
+
+
 # ============================================================================ table
 def femur_regions(femur: np.ndarray, affine: np.ndarray, *,
                   lateral_sign: float | None = None) -> np.ndarray:
