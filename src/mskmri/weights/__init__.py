@@ -54,8 +54,9 @@ class ModelEntry:
 _KNEE_SEG_CAVEAT = (
     "the shipped knee segmentation model is a short CPU training run (coarse 1100 and fine "
     "2950 steps on one shared thread) far from the issue-3 targets: held-out mean Dice bones "
-    "0.63 (femur 0.91, tibia 0.84, patella 0.78, fibula 0.00), cartilage 0.26, menisci 0.11, "
-    "ligaments about 0 (benchmarks/results/knee_segmentation.json): bone and muscle volumes are "
+    "0.63 (femur 0.91, tibia 0.84, patella 0.79, fibula 0.00), cartilage 0.32 after "
+    "post-processing, menisci 0.11, ligaments about 0 "
+    "(benchmarks/results/knee_segmentation.json): bone and muscle volumes are "
     "rough, cartilage thickness, meniscal, ligament and effusion numbers are NOT trustworthy; "
     "pass a segmentation with --seg or continue `mskmri train knee-seg --resume` on a GPU"
 )
