@@ -83,18 +83,21 @@ MODELS["bml-inpaint"] = ModelEntry(
     "bml-inpaint.safetensors", "inpaint",
     "2-D FFC (LaMa-style) inpainter of healthy femoral marrow for BML detection (first small "
     "CPU training, 3000 steps on 8 lesion-free renders)",
-    caveat=("the shipped BML inpainter is a first small CPU model, evaluated on 2 held-out knees "
-            "only (Dice 0.72 on inserted lesions, 0.22 on small real OAI lesions at 448; "
-            "benchmarks/results/bml.json): treat its lesion masks as unvalidated"))
+    caveat=("the shipped BML inpainter was trained and evaluated on synthesised knees only "
+            "(held-out renders, IW-FS at 448: Dice 0.82 on inserted lesions, 0.90 on a foreign "
+            "synthesis, 0.32 on the small real OAI lesion shapes; DESS Dice 0.14; "
+            "benchmarks/results/bml.json): no real knee with BML labels exists here, so treat "
+            "its lesion masks as unvalidated on real scans"))
 
 MODELS["bml-mkd"] = ModelEntry(
     "bml-mkd.safetensors", "mkd",
     "2-D MKD student (baseline of the BML detector), distilled from the frozen "
     "pretrain-encoder-2d teacher on lesion-free femur renders (3000 CPU steps)",
-    caveat=("the shipped MKD student is a first small model (3000 CPU steps, 62 s) and its teacher "
-            "is our MRI-pretrained encoder, not ImageNet VGG-16: on a first check it found none "
-            "of 4.6 mL of inserted lesions (Dice 0.0; no false positives on a lesion-free knee); "
-            "a baseline, treat its lesion masks as unvalidated"))
+    caveat=("the shipped MKD student is a first small model (3000 CPU steps) and its teacher "
+            "is our MRI-pretrained encoder, not ImageNet VGG-16; its map is SmoothGrad of input "
+            "x gradient (the published plain gradient detected nothing here): held-out IW-FS "
+            "Dice 0.41 on inserted lesions at 448, 0.28 on a foreign synthesis "
+            "(benchmarks/results/bml.json); a baseline, treat its lesion masks as unvalidated"))
 
 MODELS["spine-seg"] = ModelEntry(
     "spine-seg.safetensors", "spine-seg",
