@@ -376,23 +376,13 @@ def _drop_components(arr: np.ndarray, ids: Sequence[int], connectivity: int,
     the majority label of their kept shell (background when none); ``record`` gets one entry
     per class present.
     """
-    import cc3d
-
-    if not ids:
+    found = _class_components(arr, ids, connectivity)
+    if found is None:
         return arr.copy()
-    sel = np.where(np.isin(arr, ids), arr, 0).astype(np.uint8, copy=False)
-    comp, n = cc3d.connected_components(sel, connectivity=cast(Literal[6, 18, 26], connectivity),
-                                        return_N=True)
-    if n == 0:
-        return arr.copy()
-    flat = comp.ravel()
-    counts = np.bincount(flat, minlength=n + 1)
-    comp_class = np.zeros(n + 1, np.int64)
-    comp_class[flat] = sel.ravel()
-    remove = np.zeros(n + 1, bool)
+    comp, counts, comp_class = found
+    remove = np.zeros(counts.size, bool)
     for c in ids:
-        own = np.flatnonzero(comp_class == c)
-        own = own[own > 0]
+        own = _own(comp_class, c)
         if own.size == 0:
             continue
         if min_voxels is not None:
@@ -400,13 +390,58 @@ def _drop_components(arr: np.ndarray, ids: Sequence[int], connectivity: int,
         elif own.size > 1:
             remove[own] = True
             remove[own[int(np.argmax(counts[own]))]] = False
+    _record_removed(ids, comp_class, counts, remove, voxel_ml, record)
+    return _fill_removed(arr, comp, remove, connectivity)
+
+
+def _class_components(arr: np.ndarray, ids: Sequence[int], connectivity: int
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Connected components of the classes ``ids`` (each class on its own).
+
+    Returns
+    -------
+    (comp, counts, comp_class) or None
+        Component map (0 = none), voxels per component id and each id's class; None when
+        no voxel of ``ids`` is present.
+    """
+    import cc3d
+
+    if not len(ids):
+        return None
+    sel = np.where(np.isin(arr, list(ids)), arr, 0).astype(np.uint8, copy=False)
+    comp, n = cc3d.connected_components(sel, connectivity=cast(Literal[6, 18, 26], connectivity),
+                                        return_N=True)
+    if n == 0:
+        return None
+    flat = comp.ravel()
+    counts = np.bincount(flat, minlength=n + 1)
+    comp_class = np.zeros(n + 1, np.int64)
+    comp_class[flat] = sel.ravel()
+    return comp, counts, comp_class
+
+
+def _own(comp_class: np.ndarray, c: int) -> np.ndarray:
+    """Component ids of class ``c``."""
+    own = np.flatnonzero(comp_class == c)
+    return own[own > 0]
+
+
+def _record_removed(ids: Sequence[int], comp_class: np.ndarray, counts: np.ndarray,
+                    remove: np.ndarray, voxel_ml: float,
+                    record: dict[str, dict[str, Any]] | None) -> None:
+    """Per class present: components, and components / voxels / mL removed, into ``record``."""
+    if record is None:
+        return
+    for c in ids:
+        own = _own(comp_class, c)
+        if own.size == 0:
+            continue
         gone = own[remove[own]]
         record[KNEE[c]] = {
             "components": int(own.size), "components_removed": int(gone.size),
             "voxels_removed": int(counts[gone].sum()),
             "ml_removed": round(float(counts[gone].sum() * voxel_ml), 4),
             "ml_before": round(float(counts[own].sum() * voxel_ml), 4)}
-    return _fill_removed(arr, comp, remove, connectivity)
 
 
 def _fill_removed(arr: np.ndarray, comp: np.ndarray, remove: np.ndarray,
@@ -486,24 +521,16 @@ def remove_cartilage_off_bone(
     -------
     uint8 ndarray, shape of ``arr``.
     """
-    import cc3d
     from scipy import ndimage
 
     spacing = np.asarray(spacing_mm, dtype=np.float64)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     ids = {KNEE_ID[c]: KNEE_ID[b] for c, b in cartilage_bone.items()}
-    if not ids:
+    found = _class_components(arr, list(ids), connectivity)
+    if found is None:
         return arr.copy()
-    sel = np.where(np.isin(arr, list(ids)), arr, 0).astype(np.uint8, copy=False)
-    comp, n = cc3d.connected_components(sel, connectivity=cast(Literal[6, 18, 26], connectivity),
-                                        return_N=True)
-    if n == 0:
-        return arr.copy()
-    flat = comp.ravel()
-    counts = np.bincount(flat, minlength=n + 1)
-    comp_class = np.zeros(n + 1, np.int64)
-    comp_class[flat] = sel.ravel()
-    touches = np.zeros(n + 1, bool)
+    comp, counts, comp_class = found
+    touches = np.zeros(counts.size, bool)
     # voxels per axis within which a bone voxel can be in contact (gap <= contact_mm)
     reach = np.floor(contact_mm / spacing + 1e-9).astype(int) + 1
     cube = np.ones((3, 3, 3), bool)
@@ -522,18 +549,7 @@ def remove_cartilage_off_bone(
         touches[k] = bool((near & grown_own).any())
     remove = (comp_class > 0) & ~touches
     remove[0] = False
-    if record is not None:
-        for c in ids:
-            own = np.flatnonzero(comp_class == c)
-            own = own[own > 0]
-            if own.size == 0:
-                continue
-            gone = own[remove[own]]
-            record[KNEE[c]] = {
-                "components": int(own.size), "components_removed": int(gone.size),
-                "voxels_removed": int(counts[gone].sum()),
-                "ml_removed": round(float(counts[gone].sum() * voxel_ml), 4),
-                "ml_before": round(float(counts[own].sum() * voxel_ml), 4)}
+    _record_removed(list(ids), comp_class, counts, remove, voxel_ml, record)
     return _fill_removed(arr, comp, remove, connectivity)
 
 
