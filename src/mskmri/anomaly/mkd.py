@@ -12,14 +12,17 @@ Method (Salehi et al., CVPR 2021; METHODS.md section 1), 2-D on sagittal slices:
 3. **Loss** (:func:`mkd_loss`): sum over the four levels of the mean over positions of
    ``1 - cos(student, teacher)`` (cosine along channels at each position) plus
    :data:`LAMBDA_MSE` times the mean squared difference.
-4. **Anomaly map** (:func:`gradient_map`): the absolute gradient of that loss with respect to
-   the input, averaged over :data:`SMOOTHGRAD_N` noisy copies (SmoothGrad, noise std
-   :data:`SMOOTHGRAD_NOISE`), Gaussian smoothing with :data:`GRAD_SIGMA_PX` pixels in-plane
-   (4 px as published = 2.5 mm on our 0.625 mm grid) and a 3x3 grey opening.
+4. **Anomaly map** (:func:`gradient_map`): the attribution of that loss to the input pixels,
+   ``|x * d loss / d x|`` (input x gradient, :data:`ATTRIBUTION`; the published plain
+   ``|d loss / d x|`` is lower on hyperintense lesions than on healthy marrow with our teacher
+   and is kept as an option), averaged over :data:`SMOOTHGRAD_N` noisy copies (SmoothGrad,
+   noise std :data:`SMOOTHGRAD_NOISE`), Gaussian smoothing with :data:`GRAD_SIGMA_PX` pixels
+   in-plane (4 px as published = 2.5 mm on our 0.625 mm grid) and a 3x3 grey opening.
 5. The map is turned into a robust z score over the femur (median / 1.4826 MAD of the whole
    volume) and goes through **the same** femur crop, working grid, ROI and post-processing as
-   the inpainting detector (:mod:`.postprocess`), with a threshold calibrated on lesion-free
-   validation knees by :func:`.postprocess.calibrate_threshold` (stored in the weights' card).
+   the inpainting detector (:mod:`.postprocess`), with thresholds calibrated per in-plane
+   matrix on lesion-free validation knees (the card's ``thresholds_by_inplane_mm``, written
+   from ``benchmarks/bml.py``; :func:`.inpaint.choose_threshold`).
 
 Input: the image is divided by the femoral marrow median as for the inpainter, multiplied by
 :data:`INPUT_SCALE` so healthy marrow sits inside the teacher's pretraining range (its images

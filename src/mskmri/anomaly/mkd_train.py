@@ -9,7 +9,9 @@ is not used). The teacher (``pretrain-encoder-2d``) is frozen; the student
 After training, the detection threshold is calibrated on lesion-free renders of the
 *validation* subjects (:func:`mskmri.anomaly.postprocess.calibrate_threshold`, voxel
 false-positive rate :data:`~mskmri.anomaly.postprocess.TARGET_FPR`) and stored in the card's
-``extra["threshold"]``.
+``extra["threshold"]`` (one value for every spacing). The shipped card instead carries the
+per-in-plane-matrix table that ``benchmarks/bml.py`` calibrates (``thresholds_by_inplane_mm``,
+preferred by the detector).
 """
 
 from __future__ import annotations
