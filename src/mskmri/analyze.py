@@ -502,6 +502,24 @@ def knee_not_measured(seg: LabelVolume, document: dict[str, Any],
     return out
 
 
+#: Methods of ``analyze knee --detect-bml``.
+BML_METHODS: Final = ("inpaint", "mkd")
+
+
+def _detect_lesions(image: Volume, seg: LabelVolume, method: str
+                    ) -> tuple[LabelVolume, list[str], dict[str, Any]]:
+    """Femoral BMLs by ``method`` on the analysis' own segmentation: mask, warnings, record."""
+    if method == "mkd":
+        from mskmri.anomaly.mkd import detect_bml_mkd
+
+        res = detect_bml_mkd(image, seg)
+    else:
+        from mskmri.anomaly.inpaint import detect_bml as detect_inpaint
+
+        res = detect_inpaint(image, seg)
+    return res.mask, list(res.warnings), {"method": method, **res.record}
+
+
 def analyze_knee(
     image_path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -517,6 +535,7 @@ def analyze_knee(
     overwrite: bool = False,
     include_phi: bool = False,
     pdf: bool = False,
+    detect_bml: str | None = None,
 ) -> AnalysisResult:
     """Segment (or take a segmentation), measure, mesh, render and report one knee.
 
@@ -548,6 +567,11 @@ def analyze_knee(
         Show patient identifiers from the DICOM header in the report (default: left out).
     pdf : bool
         Also write ``report.pdf`` (needs a headless Chromium; checked before any work).
+    detect_bml : {"inpaint", "mkd"}, optional
+        Detect femoral bone marrow lesions with this method
+        (:func:`mskmri.anomaly.inpaint.detect_bml` or :func:`mskmri.anomaly.mkd.detect_bml_mkd`,
+        femur from the segmentation) and report them as the lesion mask; its warnings and
+        record go into the outputs. Not together with ``lesions_path``.
 
     Returns
     -------
@@ -570,6 +594,10 @@ def analyze_knee(
     out = Path(out_dir)
     check_out_dir(out, overwrite=overwrite, manifest=MANIFEST_FILE,
                   is_ours=lambda doc: doc.get("kind") == MANIFEST_KIND)
+    if detect_bml is not None and (lesions_path is not None or detect_bml not in BML_METHODS):
+        raise MskMriError(
+            f"--detect-bml {detect_bml!r} with --lesions {lesions_path!r}: give a lesion mask "
+            f"or detect lesions ({' or '.join(BML_METHODS)}), not both")
     if pdf:
         from mskmri.report.pdf import require_chromium
 
@@ -605,11 +633,21 @@ def analyze_knee(
         from mskmri.labels import KNEE
 
         seg.labels = dict(KNEE)
+    bml_warnings: list[str] = []
+    bml_record: dict[str, Any] | None = None
+    if detect_bml is not None:
+        from mskmri.report.html import model_info
+
+        with timer.step("detect_bml", f"detecting bone marrow lesions ({detect_bml})"):
+            lesions, bml_warnings, bml_record = _detect_lesions(image, seg, detect_bml)
+        name = "bml-mkd" if detect_bml == "mkd" else "bml-inpaint"
+        models = [*models, model_info(name, f"bone marrow lesions ({detect_bml})")]
 
     with timer.step("measure", "measuring"):
         ms, warnings = measure_knee_with_warnings(seg, image=image, lesions=lesions)
         # a segmenter reports doubts about its input (no knee found, odd contrast) here
-        warnings = [*(str(w) for w in seg.meta.get("warnings") or ()), *warnings]
+        warnings = [*(str(w) for w in seg.meta.get("warnings") or ()), *bml_warnings,
+                    *warnings]
         context = report_context(image, image_path, seg, anatomy="knee", seg_path=seg_path,
                                  other_inputs={"lesions": lesions_path}, models=models,
                                  include_phi=include_phi)
@@ -617,6 +655,8 @@ def analyze_knee(
         info = describe_input(seg, SEGMENTATION_FILE)
         info.update(anatomy="knee", image=str(image_path), segmentation_source=seg_source,
                     lesions=str(lesions_path) if lesions_path is not None else None)
+        if bml_record is not None:
+            info.update(lesions=f"detected ({detect_bml})", bml_detection=bml_record)
 
     mesh_list: list[Any] = []
     sections: list[ReportSection] = []
@@ -666,7 +706,7 @@ def analyze_knee(
                 sections.insert(0, lesion_table_section(seg, lesions))
             options = {"seg": str(seg_path) if seg_path is not None else None,
                        "lesions": str(lesions_path) if lesions_path is not None else None,
-                       "meshes": meshes}
+                       "detect_bml": detect_bml, "meshes": meshes}
             write_report(
                 tmp / REPORT_FILE,
                 title="mskmri knee analysis",

@@ -404,7 +404,8 @@ def _run_analyze_knee(args: argparse.Namespace) -> int:
     from mskmri.analyze import analyze_knee
 
     parts = ["mskmri", "analyze", "knee", str(args.image), "--out", str(args.out)]
-    for flag, value in (("--seg", args.seg), ("--lesions", getattr(args, "lesions", None))):
+    for flag, value in (("--seg", args.seg), ("--lesions", getattr(args, "lesions", None)),
+                        ("--detect-bml", getattr(args, "detect_bml", None))):
         if value:
             parts += [flag, str(value)]
     parts += [f for f, on in (("--overwrite", getattr(args, "overwrite", False)),
@@ -418,6 +419,7 @@ def _run_analyze_knee(args: argparse.Namespace) -> int:
         meshes=not getattr(args, "no_meshes", False), command=command,
         overwrite=getattr(args, "overwrite", False),
         include_phi=getattr(args, "include_phi", False), pdf=getattr(args, "pdf", False),
+        detect_bml=getattr(args, "detect_bml", None),
     )
     log.info("wrote %d files to %s", len(res.files), res.out_dir)
     return EXIT_OK
@@ -522,6 +524,9 @@ def _add_analyze(sub: Any) -> None:
                    "of segmenting")
     p.add_argument("--lesions", metavar="MASK", help="knee: bone marrow lesion mask on "
                    "IMAGE's grid (1 = lesion), measured per bone")
+    p.add_argument("--detect-bml", choices=["inpaint", "mkd"], default=None,
+                   help="knee: detect femoral bone marrow lesions with this method (on a "
+                   "fluid-sensitive fat-suppressed image) and report them; not with --lesions")
     p.add_argument("--no-meshes", action="store_true", help="knee: skip meshes and 3-D views")
     p.add_argument("--model", default=None, help="segmentation model name or *.safetensors")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
@@ -642,6 +647,9 @@ def _add_cohort(sub: Any) -> None:
                    help=f"local worker processes, one thread each (default {DEFAULT_WORKERS})")
     p.add_argument("--overwrite", action="store_true", help="analyse every study again, "
                    "even those complete from an earlier run")
+    p.add_argument("--detect-bml", choices=["inpaint", "mkd"], default=None,
+                   help="knee: detect femoral bone marrow lesions with this method (on a "
+                   "fluid-sensitive fat-suppressed image) and report them; not with --lesions")
     p.add_argument("--no-meshes", action="store_true", help="knee: skip meshes and 3-D views")
     p.set_defaults(run=_run_cohort)
 
