@@ -17,7 +17,9 @@ post-processing):
    ``sqrt(noise**2 + spread**2)``, where the noise is a robust per-slice scale
    (1.4826 * MAD) of the residual inside the femur;
 4. the z map goes back to the input grid and through :mod:`.postprocess` (rim, smoothing,
-   threshold, opening, components, slices) and :func:`.postprocess.lesion_table`.
+   threshold, opening, extent, components, slices) and :func:`.postprocess.lesion_table`;
+   the threshold is the model card's, calibrated per in-plane matrix and interpolated at the
+   input's in-plane spacing (:func:`choose_threshold`).
 
 The painter is any ``(image, hole) -> painted`` callable on ``(N, H, W)`` arrays: the shipped
 FFC network (:class:`NetworkPainter`) or :class:`LocalMeanPainter` (a model-free stub that
