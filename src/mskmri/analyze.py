@@ -594,10 +594,12 @@ def analyze_knee(
     out = Path(out_dir)
     check_out_dir(out, overwrite=overwrite, manifest=MANIFEST_FILE,
                   is_ours=lambda doc: doc.get("kind") == MANIFEST_KIND)
-    if detect_bml is not None and (lesions_path is not None or detect_bml not in BML_METHODS):
-        raise MskMriError(
-            f"--detect-bml {detect_bml!r} with --lesions {lesions_path!r}: give a lesion mask "
-            f"or detect lesions ({' or '.join(BML_METHODS)}), not both")
+    if detect_bml is not None and detect_bml not in BML_METHODS:
+        raise MskMriError(f"--detect-bml {detect_bml!r} is not a method; use "
+                          f"{' or '.join(BML_METHODS)}")
+    if detect_bml is not None and lesions_path is not None:
+        raise MskMriError(f"--detect-bml {detect_bml} with --lesions {lesions_path}: give a "
+                          "lesion mask or detect lesions, not both")
     if pdf:
         from mskmri.report.pdf import require_chromium
 
