@@ -140,6 +140,21 @@ def test_nrrd_without_spacing_has_no_geometry(tmp_path: Path) -> None:
     assert vol.shape == (2, 2, 2) and not vol.geometry_known
 
 
+@pytest.mark.parametrize("geometry", ["space dimension: 2\nspace directions: (0.5,0) (0,0.25)",
+                                      "spacings: 0.5 0.25"])
+def test_two_d_nrrd_with_spacing_has_geometry(tmp_path: Path, geometry: str) -> None:
+    # SimpleITK keeps no trace of a 2-D NRRD's spacing fields in its metadata: read the header
+    data = np.arange(6, dtype=np.uint8)
+    header = f"NRRD0004\n# comment: x\ntype: uint8\ndimension: 2\nsizes: 3 2\n{geometry}\nencoding: raw\n\n"
+    (tmp_path / "slice.nrrd").write_bytes(header.encode() + data.tobytes())
+    vol = read(tmp_path / "slice.nrrd")
+    assert vol.geometry_known and vol.meta["was_2d"]
+    assert vol.spacing[:2] == pytest.approx((0.5, 0.25))
+    (tmp_path / "bare.nrrd").write_bytes(header.replace(geometry + "\n", "").encode()
+                                         + data.tobytes())
+    assert not read(tmp_path / "bare.nrrd").geometry_known
+
+
 def test_two_d_nifti_is_flagged(tmp_path: Path) -> None:
     nib.save(nib.Nifti1Image(np.ones((4, 5), np.int16), np.eye(4)), tmp_path / "slice.nii.gz")
     vol = read(tmp_path / "slice.nii.gz")

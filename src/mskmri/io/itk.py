@@ -41,12 +41,38 @@ def affine_to_itk_geometry(
     )
 
 
+#: NRRD header fields that give voxel spacing (without one, ITK silently reads 1 mm).
+NRRD_SPACING_FIELDS = ("space directions", "spacings")
+#: Most bytes of an NRRD header read when looking for its fields.
+NRRD_HEADER_MAX_BYTES = 1 << 16
+
+
+def nrrd_header_fields(path: Path) -> set[str]:
+    """Field names (lower case) of an NRRD file's text header.
+
+    SimpleITK does not keep every field in its metadata (a 2-D NRRD's ``space directions``
+    only shows up as ITK's own spacing, indistinguishable from its 1 mm default), so the
+    header is read here: lines up to the first empty one, ``key: value`` pairs only
+    (``key:=value`` pairs are user key/values, comments start with ``#``).
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(NRRD_HEADER_MAX_BYTES)
+    fields: set[str] = set()
+    for raw in head.split(b"\n")[1:]:
+        line = raw.rstrip(b"\r").decode("latin-1")
+        if not line:
+            break
+        if line.startswith("#") or ":=" in line or ": " not in line:
+            continue
+        fields.add(line.split(": ", 1)[0].strip().lower())
+    return fields
+
+
 def _has_spacing(img: object, path: Path) -> bool:
     """NRRD without 'space directions'/'spacings' gets ITK's silent 1 mm: detect it."""
-    if path.suffix.lower() != ".nrrd":
+    if path.suffix.lower() not in (".nrrd", ".nhdr"):
         return True
-    keys = set(img.GetMetaDataKeys())  # type: ignore[attr-defined]
-    return any(k in keys for k in ("NRRD_space directions", "NRRD_spacings", "NRRD_space"))
+    return any(f in nrrd_header_fields(path) for f in NRRD_SPACING_FIELDS)
 
 
 def read_itk(path: Path) -> Volume:
