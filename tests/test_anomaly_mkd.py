@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 
 from mskmri.anomaly.inpaint import BmlDetectionError, report_path  # noqa: E402
 from mskmri.anomaly.mkd import (  # noqa: E402
+    TEACHER_MODEL,
     TEACHER_WARNING,
     MkdScorer,
     build_student,
@@ -155,7 +156,7 @@ def test_detect_end_to_end_mask_in_input_geometry(knee: tuple, nets: tuple) -> N
     assert np.any(res.zmap.array[seg.array == 1] != 0)
     assert np.all(res.mask.array[seg.array != 1] == 0)
     assert TEACHER_WARNING in res.warnings
-    assert res.record["method"] == "mkd" and res.record["teacher"] == "pretrain-encoder-2d"
+    assert res.record["method"] == "mkd" and res.record["teacher"] == "bml-mkd-teacher"
     assert isinstance(res.table, list)
 
 
@@ -243,3 +244,17 @@ def test_shipped_student_map_is_higher_in_the_lesion(knee: tuple) -> None:
             assert medians[attribution] > float(np.quantile(z[roi & ~lesion], 0.9))
     assert medians["gradient"] < 0 < medians["input-x-gradient"]
 
+
+
+def test_teacher_is_the_one_the_shipped_student_was_distilled_from() -> None:
+    # The teacher ships under its own name, so re-pretraining pretrain-encoder-2d cannot change
+    # the MKD baseline behind the student's back (bml.json and the thresholds were made with it).
+    from mskmri.nn.registry import load_model, read_card, resolve_weights, sha256_file
+
+    student_card = read_card(resolve_weights("bml-mkd")[0])
+    path, _ = resolve_weights(TEACHER_MODEL)
+    assert student_card.extra["teacher"] == TEACHER_MODEL == "bml-mkd-teacher"
+    assert sha256_file(path) == student_card.extra["teacher_sha256"] == read_card(path).sha256
+    teacher, _ = load_model(TEACHER_MODEL)
+    assert not any(p.requires_grad for p in load_teacher().parameters())
+    assert sum(p.numel() for p in teacher.parameters()) > 0

@@ -2,8 +2,10 @@
 
 Method (Salehi et al., CVPR 2021; METHODS.md section 1), 2-D on sagittal slices:
 
-1. **Teacher**: the frozen 2-D U-Net encoder ``pretrain-encoder-2d`` (features 8, 16, 32, 64;
-   four levels), pretrained on MRI by our distortion-restoration pretext task. The published
+1. **Teacher**: the frozen 2-D U-Net encoder ``bml-mkd-teacher`` (features 8, 16, 32, 64;
+   four levels), pretrained on MRI by our distortion-restoration pretext task
+   (:mod:`mskmri.pretrain`; the first ``pretrain-encoder-2d``, pinned under its own name so
+   that re-pretraining the shipped encoder does not silently change the baseline). The published
    method uses an ImageNet VGG-16; no ImageNet weights can be downloaded here, so the teacher is
    **substituted** and every output says so (:data:`TEACHER_WARNING`).
 2. **Student**: the same encoder layout with the same widths but **one** convolution per
@@ -70,8 +72,9 @@ log = logging.getLogger(__name__)
 
 #: Shipped MKD student (:data:`mskmri.weights.MODELS`).
 DEFAULT_MODEL = "bml-mkd"
-#: Frozen teacher: our MRI-pretrained 2-D encoder (substitute for ImageNet VGG-16).
-TEACHER_MODEL = "pretrain-encoder-2d"
+#: Frozen teacher: our MRI-pretrained 2-D encoder (substitute for ImageNet VGG-16), the
+#: student's own copy: byte-identical to the first shipped ``pretrain-encoder-2d``.
+TEACHER_MODEL = "bml-mkd-teacher"
 #: Working in-plane spacing, mm (the inpainter's grid).
 WORK_SPACING_MM = 0.625
 #: Weight of the MSE term against the cosine term.
@@ -100,7 +103,7 @@ BATCH_SLICES = 8
 SIZE_DIVISOR = 8
 #: Warning every MKD output carries: the teacher is not the published one.
 TEACHER_WARNING = ("MKD baseline: the teacher is our MRI-pretrained 2-D encoder "
-                   "'pretrain-encoder-2d' (distortion-restoration pretext task), NOT the "
+                   "'bml-mkd-teacher' (distortion-restoration pretext task), NOT the "
                    "ImageNet VGG-16 of Salehi et al. (not downloadable here); its results are "
                    "those of this substitute")
 

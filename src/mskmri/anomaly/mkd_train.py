@@ -3,7 +3,7 @@
 Data: the inpainter's (:mod:`.inpaint_train`): lesion-free renders of the OAI *training*
 subjects (fat-suppressed IW and DESS), cached once, sampled as 2-D sagittal patches of
 :data:`~mskmri.anomaly.inpaint_train.PATCH` pixels centred in the femur (the inpainter's hole
-is not used). The teacher (``pretrain-encoder-2d``) is frozen; the student
+is not used). The teacher (``bml-mkd-teacher``) is frozen; the student
 (:func:`mskmri.anomaly.mkd.build_student`) minimises :func:`mskmri.anomaly.mkd.mkd_loss`.
 
 After training, the detection threshold is calibrated on lesion-free renders of the

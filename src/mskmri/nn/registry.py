@@ -543,7 +543,7 @@ TRAIN_TASKS["inpaint"] = TrainTask(
 TRAIN_TASKS["mkd"] = TrainTask(
     name="mkd",
     help="MKD baseline of the BML detector: 2-D student distilled from the frozen "
-         "pretrain-encoder-2d teacher on lesion-free femur renders (mskmri.synth)",
+         "bml-mkd-teacher (a pretrained encoder) on lesion-free femur renders (mskmri.synth)",
     entry="mskmri.anomaly.mkd_train:run",
     options=(
         TrainOption(("--data",), {"metavar": "DIR", "help": "OAI lesion label-map folder "

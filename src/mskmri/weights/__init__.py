@@ -77,7 +77,13 @@ MODELS: dict[str, ModelEntry] = {
 MODELS["pretrain-encoder-2d"] = ModelEntry(
     "pretrain-encoder-2d.safetensors", "pretrain",
     "2-D U-Net encoder (8-64 channels, 4 levels) pretrained by distortion restoration on "
-    "real spine/knee slices and knee renders (benchmarks/pretraining.py); MKD teacher, --init")
+    "every unlabelled real spine/knee image and knee renders (benchmarks/pretraining.py); "
+    "for --init")
+
+MODELS["bml-mkd-teacher"] = ModelEntry(
+    "bml-mkd-teacher.safetensors", "pretrain",
+    "frozen teacher of the MKD baseline: the first pretrain-encoder-2d (distortion restoration, "
+    "1678 unlabelled slices, 1000 steps), kept byte-identical so bml-mkd stays tied to it")
 
 MODELS["bml-inpaint"] = ModelEntry(
     "bml-inpaint.safetensors", "inpaint",
@@ -92,7 +98,7 @@ MODELS["bml-inpaint"] = ModelEntry(
 MODELS["bml-mkd"] = ModelEntry(
     "bml-mkd.safetensors", "mkd",
     "2-D MKD student (baseline of the BML detector), distilled from the frozen "
-    "pretrain-encoder-2d teacher on lesion-free femur renders (3000 CPU steps)",
+    "bml-mkd-teacher on lesion-free femur renders (3000 CPU steps)",
     caveat=("the shipped MKD student is a first small model (3000 CPU steps) and its teacher "
             "is our MRI-pretrained encoder, not ImageNet VGG-16; its map is SmoothGrad of input "
             "x gradient (the published plain gradient detected nothing here): held-out IW-FS "
