@@ -306,3 +306,19 @@ def test_unknown_geometry_is_explicit(tmp_path: Path) -> None:
                          unknown_geometry="native")
     assert got.records[0].geometry.startswith("unknown") and got.records[0].spacing_mm is None
     assert got.images[0].shape in {(30, 30), (20, 30)}
+
+
+def test_collect_images_reads_every_echo_of_a_dicom_folder(tmp_path: Path) -> None:
+    from _dicom_factory import write_series
+
+    uid = "1.2.826.0.1.3680043.8.498.777"
+    rng = np.random.default_rng(3)
+    for e, te in enumerate((10.0, 20.0), start=1):
+        write_series(tmp_path / "dcm", (rng.random((32, 32, 4)) * 1000 + 100).astype(np.int16),
+                     series_uid=uid, echo_time=te, echo_number=e, slice_spacing=3.0,
+                     pixel_spacing=(0.5, 0.5), names=[f"e{e}_{k}.dcm" for k in range(4)])
+    got = collect_images([tmp_path / "dcm"], dims=2, spacing_mm=1.0)
+    # one image per echo, 4 slices across the 3 mm axis, 32 x 0.5 mm -> 16 pixels at 1 mm
+    assert len(got.records) == 2 and [r.n_samples for r in got.records] == [4, 4]
+    assert {r.path.rsplit("[series ", 1)[1] for r in got.records} == {"1:1]", "1:2]"}
+    assert len(got.images) == 8 and got.images[0].shape == (16, 16)

@@ -41,6 +41,8 @@ ISOTROPIC_TOLERANCE = 0.1
 MIN_FOREGROUND_FRACTION = 0.05
 #: Normalised level above which a pixel counts as foreground (not air).
 FOREGROUND_LEVEL = 0.1
+#: Files of a folder looked at to tell a DICOM folder (read as series) from a folder of files.
+DICOM_PROBE_FILES = 20
 #: Most distorted areas per sample (padding size of the box tensors).
 MAX_AREAS = 3
 
@@ -108,6 +110,31 @@ class ImageSet:
     records: list[ImageRecord] = field(default_factory=list)
 
 
+def _image_sources(paths: Sequence[str | Path]) -> list[tuple[Path, str | None]]:
+    """``(path, DICOM series selector or None)`` of every image under ``paths``."""
+    from mskmri.io import IMAGE_EXTENSIONS
+    from mskmri.io.dicom import is_dicom_file, list_series
+
+    out: list[tuple[Path, str | None]] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            inside = sorted(f for f in p.rglob("*") if f.is_file())
+            if any(is_dicom_file(f) for f in inside[:DICOM_PROBE_FILES]):
+                for info in list_series(p):
+                    out += [(p, st.selector) for st in info.stacks if st.problem is None]
+                continue
+            out += [(f, None) for f in sorted(p.iterdir()) if f.is_file()
+                    and any(f.name.lower().endswith(e) for e in IMAGE_EXTENSIONS)
+                    and not any(t in f.name.lower() for t in ("_gt", "label", "seg"))]
+        elif p.exists():
+            out.append((p, None))
+        else:
+            raise PretrainDataError(f"no image at {p}; give existing image files or folders")
+    if not out:
+        raise PretrainDataError(f"no image files found in {[str(p) for p in paths]}")
+    return out
+
+
 def collect_images(paths: Sequence[str | Path], *, dims: int, spacing_mm: float | None,
                    unknown_geometry: str = "error") -> ImageSet:
     """Read images (files or folders of images) into normalised 2-D slices or 3-D volumes.
@@ -115,9 +142,11 @@ def collect_images(paths: Sequence[str | Path], *, dims: int, spacing_mm: float 
     Parameters
     ----------
     paths : sequence of path
-        Image files (any format :func:`mskmri.io.read` reads) or folders (every image file
-        inside, non-recursive; files named ``*_gt*``/``*label*``/``*seg*`` are skipped:
-        pretraining uses images only).
+        Image files (any format :func:`mskmri.io.read` reads) or folders. A folder holding
+        DICOM files is read as DICOM (searched recursively): every series and every stack of
+        it (each echo of a multi-echo series) is one image. Any other folder contributes every
+        image file inside (non-recursive; files named ``*_gt*``/``*label*``/``*seg*`` are
+        skipped: pretraining uses images only).
     dims : {2, 3}
         2-D slices or 3-D volumes (see the module docstring).
     spacing_mm : float or None
@@ -129,29 +158,20 @@ def collect_images(paths: Sequence[str | Path], *, dims: int, spacing_mm: float 
     -------
     ImageSet
     """
-    from mskmri.io import IMAGE_EXTENSIONS, read
+    from mskmri.io import read
 
     if dims not in (2, 3):
         raise PretrainDataError(f"--dims must be 2 or 3, not {dims}")
     if unknown_geometry not in ("error", "native"):
         raise PretrainDataError(f"unknown_geometry must be 'error' or 'native', not "
                                 f"{unknown_geometry!r}")
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.is_file()
-                            and any(f.name.lower().endswith(e) for e in IMAGE_EXTENSIONS)
-                            and not any(t in f.name.lower() for t in ("_gt", "label", "seg")))
-        elif p.exists():
-            files.append(p)
-        else:
-            raise PretrainDataError(f"no image at {p}; give existing image files or folders")
-    if not files:
-        raise PretrainDataError(f"no image files found in {[str(p) for p in paths]}")
+    files = _image_sources(paths)
     out = ImageSet()
     flat: list[str] = []
-    for f in files:
-        vol = read(f)
+    for f, series in files:
+        vol = read(f, series=series)
+        if series is not None:
+            f = Path(f"{f} [series {series}]")
         is_2d = bool(vol.meta.get("was_2d")) or 1 in vol.shape
         if is_2d:
             flat.append(str(f))
@@ -186,7 +206,7 @@ def collect_images(paths: Sequence[str | Path], *, dims: int, spacing_mm: float 
             "the slices out")
     if not out.images:
         raise PretrainDataError("every image was empty after normalisation; check the inputs")
-    log.info("pretraining on %d %s from %d files", len(out.images),
+    log.info("pretraining on %d %s from %d images", len(out.images),
              "2-D slices" if dims == 2 else "3-D volumes", len(files))
     return out
 
