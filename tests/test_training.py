@@ -97,6 +97,10 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one_bit_exactly(
     _assert_same_weights(full.model, resumed.model)
     # the losses logged after resuming are those of the uninterrupted run
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history[3:]]
+    # each start and resume is recorded (a card's command reproduces only the last one)
+    assert [g["start_step"] for g in resumed.segments] == [0, 3]
+    assert [g["start_step"] for g in full.segments] == [0]
+    assert {g["steps"] for g in resumed.segments} == {6}
 
 
 def test_crash_resumes_from_the_last_periodic_checkpoint(tmp_path: Path) -> None:

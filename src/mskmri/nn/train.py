@@ -55,6 +55,9 @@ CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "train.log"
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "train_config.json"
+#: One line per start or resume of a run (its steps, schedule, batch): a model card's
+#: ``command`` reproduces one segment only, so a resumed run lists its segments from here.
+SEGMENTS_NAME = "segments.jsonl"
 #: Exponent of the polynomial learning-rate decay (nnU-Net: 0.9).
 POLY_EXPONENT = 0.9
 
@@ -488,6 +491,15 @@ class TrainResult:
     validation: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
+    @property
+    def segments(self) -> list[dict[str, Any]]:
+        """Every start/resume of the run in ``out`` so far (see :data:`SEGMENTS_NAME`)."""
+        path = self.out / SEGMENTS_NAME
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip()]
+
 
 def fit(model: nn.Module, objective: Objective, dataset: Any, config: TrainConfig, *,
         validate: Validate | None = None, collate: Callable[[list[Any]], Any] | None = None,
@@ -577,6 +589,15 @@ def fit(model: nn.Module, objective: Objective, dataset: Any, config: TrainConfi
                 "torch": torch.__version__, "mskmri_version": __version__,
                 "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "start_step": start})
+            if start < config.steps:
+                with open(out / SEGMENTS_NAME, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps({
+                        "start_step": start, "steps": config.steps,
+                        "batch_size": config.batch_size, "lr": config.lr,
+                        "schedule": config.schedule, "warmup_steps": config.warmup_steps,
+                        "world_size": rt.world_size,
+                        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(
+                            timespec="seconds")}) + "\n")
         if start >= config.steps:
             log.info("nothing to do: checkpoint is at step %d of %d", start, config.steps)
             return TrainResult(unwrap(model), start, out, rt,

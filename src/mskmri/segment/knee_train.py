@@ -755,7 +755,10 @@ def _card(stage: str, config: Any, options: Mapping[str, Any], result: Any,
                f"subject): {[Path(v).name for v in split['val']]}."),
         extra={"stage": stage, "patch_size": list(patch),
                "steps": int(best["step"]) if best is not None else result.step,
-               "trained_steps": result.step, "train_seconds": result.seconds},
+               "trained_steps": result.step, "train_seconds": result.seconds,
+               # a resumed run: ``command`` reproduces only its last segment
+               **({"training_segments": result.segments} if len(result.segments) > 1
+                  else {})},
     )
 
 
