@@ -121,3 +121,22 @@ def test_demo_phantom_is_segmented_sensibly() -> None:
     assert len(set(matched)) == PHANTOM_BODIES  # no predicted body spans two truth bodies
     assert len(res.warnings) <= MAX_WARNINGS, res.warnings
     assert not any("merged" in w or "body-like region" in w for w in res.warnings)
+
+
+def test_region_behind_the_neck_with_only_c2_in_its_window_is_off_the_column() -> None:
+    """A 10 x 20 x 12 mm region 40 mm behind the column, 46 mm above C2's centre and more than
+    COLUMN_WINDOW_MM above C3: with only C2 in its S-I window the median of the two centroids
+    is their midpoint (20 mm off, kept by the window alone); the median over the
+    COLUMN_MIN_NEIGHBOURS nearest instances lies on the column, so it is dropped and the
+    five bodies keep ids 1000-1004 from the top."""
+    arr = np.zeros((20, 100, 200), np.uint8)
+    bodies = [(135, 161), (113, 129), (91, 107), (69, 85), (47, 63)]  # C2 (26 mm), C3-C6
+    for z0, z1 in bodies:
+        arr[5:15, 10:40, z0:z1] = sp.NET_BODY
+    arr[5:15, 55:75, 188:200] = sp.NET_BODY  # centroid y 65 vs the column's 25 (+40 mm)
+    ids, warnings = sp.body_instances(LabelVolume(arr, np.eye(4), schema="custom"))
+    assert not ids[:, 55:75, 188:200].any()
+    for k, (z0, z1) in enumerate(bodies):
+        assert np.unique(ids[5:15, 10:40, z0:z1]).tolist() == [ORDINAL_VERTEBRA_START + k]
+    assert any(w.startswith("1 body-like region(s) off the vertebral column") for w in warnings)
+    assert sp.COLUMN_MIN_NEIGHBOURS == 5
