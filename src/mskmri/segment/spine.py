@@ -82,7 +82,7 @@ log = logging.getLogger(__name__)
 #: Shipped model used by default.
 DEFAULT_MODEL = "spine-seg"
 #: Model-card ``extra`` key naming a background/body/sacrum network (a weight file beside the
-#: model's) whose bone probability is averaged with the model's (:func:`predict_canonical`).
+#: model's) that vetoes the model's bone regions the two do not agree on (:func:`veto_bone`).
 BONE_ENSEMBLE_KEY = "bone_ensemble"
 #: A bone region of the main network (26-connected, 3-D) is kept when at least this fraction
 #: of its voxels is bone by the mean probability of the two networks (:func:`veto_bone`).

@@ -109,7 +109,7 @@ MODELS["spine-seg"] = ModelEntry(
     "spine-seg.safetensors", "spine-seg",
     "2-D U-Net: vertebral bodies, sacrum (S1), discs, spinal cord and CSF on sagittal spine "
     "MRI, T1/T2 (real partially labelled sources, marginal loss; 1800 CPU steps warm-started "
-    "from spine-seg-bodies)",
+    "from spine-seg-bodies, then 900 steps with 30 deg rotation augmentation)",
     caveat=("the spine model's discs, cord and CSF are first results from few labelled images "
             "(discs: one lumbar exam and two cervical slices; CSF: partial labels only; checked "
             "on 1 held-out clinical cervical slice and 2 lumbar slices, "
@@ -118,8 +118,8 @@ MODELS["spine-seg"] = ModelEntry(
 
 MODELS["spine-seg-bodies"] = ModelEntry(
     "spine-seg-bodies.safetensors", "spine-seg",
-    "2-D U-Net: vertebral bodies and sacrum (S1) only (the previous spine-seg); its bone "
-    "probability is averaged with spine-seg's outside the neck")
+    "2-D U-Net: vertebral bodies and sacrum (S1) only (the previous spine-seg); it vetoes "
+    "whole bone regions of spine-seg that the two networks do not agree on (veto_bone)")
 
 MODELS["vertebra-inpaint"] = ModelEntry(
     "vertebra-inpaint.safetensors", "vertebra-inpaint",
