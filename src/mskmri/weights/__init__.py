@@ -52,13 +52,13 @@ class ModelEntry:
 
 
 _KNEE_SEG_CAVEAT = (
-    "the shipped knee segmentation model is a short CPU training run (coarse 1100 and fine "
-    "2950 steps on one shared thread) far from the issue-3 targets: held-out mean Dice bones "
-    "0.63 (femur 0.91, tibia 0.84, patella 0.79, fibula 0.00), cartilage 0.32 after "
-    "post-processing, menisci 0.11, ligaments about 0 "
-    "(benchmarks/results/knee_segmentation.json): bone and muscle volumes are "
-    "rough, cartilage thickness, meniscal, ligament and effusion numbers are NOT trustworthy; "
-    "pass a segmentation with --seg or continue `mskmri train knee-seg --resume` on a GPU"
+    "the shipped knee segmentation model is a CPU training run (coarse 1100 and fine 12000 "
+    "steps on one shared thread) far from the issue-3 targets: held-out mean Dice bones 0.66 "
+    "(femur 0.92, tibia 0.86, patella 0.84, fibula 0.00: never predicted), cartilage 0.45 "
+    "after post-processing, menisci 0.29, ligaments 0.02-0.31 "
+    "(benchmarks/results/knee_segmentation.json): bone and muscle volumes are rough, "
+    "cartilage thickness, meniscal, ligament and effusion numbers are NOT trustworthy; pass a "
+    "segmentation with --seg or continue `mskmri train knee-seg --resume` on a GPU"
 )
 
 #: Public model name -> entry. Filled by the issues that train and ship each model.
@@ -70,7 +70,7 @@ MODELS: dict[str, ModelEntry] = {
         caveat=_KNEE_SEG_CAVEAT),
     "knee-seg-fine": ModelEntry(
         "knee-seg-fine.safetensors", "knee-seg",
-        "knee: fine 3-D U-Net at 0.8 mm, 17 classes (2950 CPU steps)",
+        "knee: fine 3-D U-Net at 0.8 mm, 17 classes (12000 CPU steps)",
         caveat=_KNEE_SEG_CAVEAT),
 }
 
