@@ -52,10 +52,10 @@ class ModelEntry:
 
 
 _KNEE_SEG_CAVEAT = (
-    "the shipped knee segmentation model is a CPU training run (coarse 1100 and fine 12000 "
-    "steps on one shared thread) far from the issue-3 targets: held-out mean Dice bones 0.66 "
-    "(femur 0.92, tibia 0.86, patella 0.84, fibula 0.00: never predicted), cartilage 0.45 "
-    "after post-processing, menisci 0.29, ligaments 0.02-0.31 "
+    "the shipped knee segmentation model is a CPU training run (coarse 3000 and fine 14000 "
+    "steps on one shared thread) short of the issue-3 targets: held-out mean Dice bones 0.83 "
+    "(femur 0.92, tibia 0.89, patella 0.88, fibula 0.65), cartilage 0.48 after "
+    "post-processing, menisci 0.32, ligaments 0.17-0.45, effusion 0.59 "
     "(benchmarks/results/knee_segmentation.json): bone and muscle volumes are rough, "
     "cartilage thickness, meniscal, ligament and effusion numbers are NOT trustworthy; pass a "
     "segmentation with --seg or continue `mskmri train knee-seg --resume` on a GPU"
@@ -66,11 +66,11 @@ MODELS: dict[str, ModelEntry] = {
     "knee-seg-coarse": ModelEntry(
         "knee-seg-coarse.safetensors", "knee-seg",
         "knee: coarse 3-D U-Net at 2 mm (finds the knee region, confirms the fine network's "
-        "large classes; 1100 CPU steps)",
+        "large classes; 3000 CPU steps)",
         caveat=_KNEE_SEG_CAVEAT),
     "knee-seg-fine": ModelEntry(
         "knee-seg-fine.safetensors", "knee-seg",
-        "knee: fine 3-D U-Net at 0.8 mm, 17 classes (12000 CPU steps)",
+        "knee: fine 3-D U-Net at 0.8 mm, 17 classes (14000 CPU steps)",
         caveat=_KNEE_SEG_CAVEAT),
 }
 
