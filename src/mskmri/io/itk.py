@@ -68,7 +68,7 @@ def nrrd_header_fields(path: Path) -> set[str]:
     return fields
 
 
-def _has_spacing(img: object, path: Path) -> bool:
+def _has_spacing(path: Path) -> bool:
     """NRRD without 'space directions'/'spacings' gets ITK's silent 1 mm: detect it."""
     if path.suffix.lower() not in (".nrrd", ".nhdr"):
         return True
@@ -107,7 +107,7 @@ def read_itk(path: Path) -> Volume:
     arr = np.ascontiguousarray(np.transpose(arr, tuple(range(arr.ndim))[::-1]))
     affine = itk_geometry_to_affine(spacing, origin, direction)
     meta = {"source": str(path), "format": path.suffix.lower().lstrip("."), "was_2d": was_2d}
-    return Volume(arr, affine, meta, geometry_known=_has_spacing(img, path))
+    return Volume(arr, affine, meta, geometry_known=_has_spacing(path))
 
 
 def write_itk(volume: Volume, path: Path) -> None:
