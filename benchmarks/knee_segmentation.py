@@ -382,13 +382,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", nargs="*", default=[], choices=["held_out", "foreign",
                                                                "cartimorph", "real", "timing"])
     ap.add_argument("--out", default=str(RESULTS / "knee_segmentation.json"))
+    ap.add_argument("--fusion-tolerance-mm", type=float, default=None,
+                    help="coarse-fine fusion tolerance (default: the library's)")
+    ap.add_argument("--no-compartments", action="store_true",
+                    help="keep the network's medial/lateral labels (post-processing pass 0 off)")
+    ap.add_argument("--no-menisci-in-joint", action="store_true",
+                    help="post-processing pass 4 (menisci between femur and tibia) off")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import torch
 
     from mskmri.nn.registry import read_card, resolve_weights
     from mskmri.paths import shared_data_dir
-    from mskmri.segment.knee import KneeSegmenter
+    from mskmri.segment.knee import (
+        FUSION_TOLERANCE_MM,
+        MENISCUS_BONE_CONTACT_MM,
+        KneeSegmenter,
+    )
 
     torch.set_num_threads(args.threads)
     shared = shared_data_dir()
@@ -402,7 +412,12 @@ def main(argv: list[str] | None = None) -> int:
         c = read_card(path)
         cards[c.name] = {"sha256": c.sha256, "steps": c.extra.get("steps"),
                          "validation": c.validation, "command": c.command}
-    seg = KneeSegmenter(*models)
+    settings: dict[str, Any] = {
+        "fusion_tolerance_mm": (FUSION_TOLERANCE_MM if args.fusion_tolerance_mm is None
+                                else args.fusion_tolerance_mm),
+        "compartments": not args.no_compartments,
+        "meniscus_contact_mm": None if args.no_menisci_in_joint else MENISCUS_BONE_CONTACT_MM}
+    seg = KneeSegmenter(*models, **settings)
     result: dict[str, Any] = {
         "schema": "mskmri/benchmark/knee-segmentation/1",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -417,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                    "in 'models'), far from converged; the foreign synthesis is our own "
                    "stand-in for another intensity model, not the judges' one."),
         "models": cards, "precision": seg.precision, "backend": seg.backend,
+        "segmenter_settings": settings,
     }
     if "held_out" not in args.skip:
         result["held_out_renders"] = held_out(seg, args.subjects, args.contrasts)

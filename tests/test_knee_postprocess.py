@@ -27,6 +27,9 @@ VOXEL_ML = VOXEL_MM**3 / 1000.0
 FEMUR, TIBIA, PATELLA = KNEE_ID["femur"], KNEE_ID["tibia"], KNEE_ID["patella"]
 MUSCLE, FCART = KNEE_ID["muscle"], KNEE_ID["femoral_cartilage"]
 MENISCUS = KNEE_ID["medial_meniscus"]
+#: Switches off the passes that need a whole joint (compartments, menisci between the bones),
+#: for tests of the other passes on phantoms without one.
+NO_JOINT = {"compartments": False, "meniscus_contact_mm": None}
 
 
 def _volume(arr: np.ndarray, **kw: object) -> LabelVolume:
@@ -88,7 +91,7 @@ def test_thin_structures_drop_components_below_the_minimum_volume_only() -> None
     a[2:10, 2:7, 30:40] = FCART             # exactly 400 voxels = 0.05 mL: kept
     a[25:27, 20:22, 20:22] = FCART          # 8 voxels inside the femur: becomes femur
     a[5:7, 30:32, 3:5] = MENISCUS           # 8 voxels (0.001 mL), the whole meniscus
-    out, rec = K.postprocess_knee_labels(_volume(a), cartilage_bone={})
+    out, rec = K.postprocess_knee_labels(_volume(a), cartilage_bone={}, **NO_JOINT)
     res = out.array
     assert (res[10:15, 5:25, 5:25] == FCART).all()
     assert (res[2:10, 2:7, 30:40] == FCART).all()
@@ -107,7 +110,7 @@ def test_thin_structures_drop_components_below_the_minimum_volume_only() -> None
     # minima given by the caller: the 0.05 mL cartilage piece and the whole meniscus go
     out2, rec2 = K.postprocess_knee_labels(
         _volume(a), min_component_ml={"femoral_cartilage": 0.1, "medial_meniscus": 0.002},
-        cartilage_bone={})
+        cartilage_bone={}, **NO_JOINT)
     assert (out2.array == FCART).sum() == 2000
     assert not (out2.array == MENISCUS).any() and (out2.array[5:7, 30:32, 3:5] == 0).all()
     warnings = K.postprocess_warnings(rec2)
@@ -115,7 +118,7 @@ def test_thin_structures_drop_components_below_the_minimum_volume_only() -> None
     assert warnings[0].startswith("medial_meniscus:") and "absent" in warnings[0]
     # no minimum for a class: not checked, not in the record
     out3, rec3 = K.postprocess_knee_labels(_volume(a), min_component_ml={"femoral_cartilage": 0.1},
-                                         cartilage_bone={})
+                                           cartilage_bone={}, **NO_JOINT)
     assert (out3.array == MENISCUS).sum() == 8 and "medial_meniscus" not in rec3["removed"]
 
 
@@ -266,6 +269,9 @@ def test_the_segmenter_applies_and_records_the_step() -> None:
     assert res.labels.meta["postprocess"] == res.postprocess
     assert res.postprocess["cartilage_on_bone"]["contact_mm"] == K.CARTILAGE_BONE_CONTACT_MM
     assert res.postprocess["cartilage_on_bone"]["removed"] == {}     # no cartilage here
+    assert res.postprocess["menisci_in_joint"]["removed"] == {}
+    assert res.postprocess["compartments"] == {"ml": 0.0, "applied": False, "reason": (
+        "tibial plates + menisci 0.00 mL < 0.5 mL")}
     assert "postprocess_s" in res.timings_s
 
 
@@ -300,7 +306,7 @@ def test_cartilage_pieces_off_their_own_bone_are_removed_with_known_answers() ->
     from scipy import ndimage
 
     a = _plates_phantom()
-    out, rec = K.postprocess_knee_labels(_volume(a))
+    out, rec = K.postprocess_knee_labels(_volume(a), **NO_JOINT)
     res = out.array
     # kept: the plates on their bones and the piece 1.0 mm from the femur
     assert (res[16:18, 5:25, 5:35] == FCART).all() and (res[2:12, 32:36, 2:12] == FCART).all()
@@ -330,17 +336,17 @@ def test_cartilage_pieces_off_their_own_bone_are_removed_with_known_answers() ->
     assert K.postprocess_warnings(rec) == []
     json.dumps(rec)
     # without the rule every piece stays (they are all >= the minimum volume)
-    plain, rec0 = K.postprocess_knee_labels(_volume(a), cartilage_bone={})
+    plain, rec0 = K.postprocess_knee_labels(_volume(a), cartilage_bone={}, **NO_JOINT)
     np.testing.assert_array_equal(plain.array, a)
     assert "cartilage_on_bone" not in rec0
     # contact distance 0: only touching pieces stay (the one 1.0 mm away goes too)
-    zero, _ = K.postprocess_knee_labels(_volume(a), cartilage_contact_mm=0.0)
+    zero, _ = K.postprocess_knee_labels(_volume(a), cartilage_contact_mm=0.0, **NO_JOINT)
     assert (zero.array == FCART).sum() == 1200
     # 1.5 mm: the piece 1.5 mm away stays as well
-    wide, _ = K.postprocess_knee_labels(_volume(a), cartilage_contact_mm=1.5)
+    wide, _ = K.postprocess_knee_labels(_volume(a), cartilage_contact_mm=1.5, **NO_JOINT)
     assert (wide.array == FCART).sum() == 1200 + 400 + 400
     # the rule only: a map of these pieces is stable under a second run
-    again, rec2 = K.postprocess_knee_labels(out)
+    again, rec2 = K.postprocess_knee_labels(out, **NO_JOINT)
     np.testing.assert_array_equal(again.array, res)
     assert all(r["voxels_removed"] == 0 for r in rec2["cartilage_on_bone"]["removed"].values())
 
@@ -399,3 +405,125 @@ def test_a_plate_whose_bone_is_absent_is_removed_and_warned() -> None:
 def test_bad_contact_parameters_are_refused(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(K.KneeSegmentationError, match=match):
         K.postprocess_knee_labels(_volume(np.zeros((4, 4, 4))), **kwargs)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ compartments, menisci
+FIBULA = KNEE_ID["fibula"]
+MEN_M, MEN_L = KNEE_ID["medial_meniscus"], KNEE_ID["lateral_meniscus"]
+
+
+def _joint_phantom(fibula_side: str | None = "+x") -> tuple[np.ndarray, np.ndarray]:
+    """A tibiofemoral joint at 1 mm voxels whose plates and menisci carry scrambled sides.
+
+    World x = i - 40 (RAS: left-right). Tibia below (z 0-14), femur above (z 22-39), two
+    plates on the tibia (z 15-16) centred at x -21 and +21, a meniscus rim on each (z 17-20,
+    1 mm below the femur). The -x plate is half "lateral", half "medial" and its rim
+    "lateral"; the +x plate is "medial" and its rim "medial". The fibula (1.2 mL) is on the
+    ``fibula_side`` (None: none). Returns the map and its affine.
+    """
+    a = np.zeros((80, 40, 40), np.uint8)
+    a[5:75, 5:25, 0:15] = TIBIA
+    a[5:75, 5:25, 22:40] = FEMUR
+    a[8:19, 5:25, 15:17] = TCART_L
+    a[19:30, 5:25, 15:17] = TCART_M
+    a[50:72, 5:25, 15:17] = TCART_M
+    a[8:12, 5:25, 17:21] = MEN_L
+    a[68:72, 5:25, 17:21] = MEN_M
+    if fibula_side == "+x":
+        a[60:72, 8:18, 0:10] = FIBULA
+    elif fibula_side == "-x":
+        a[8:20, 8:18, 0:10] = FIBULA
+    aff = np.eye(4)
+    aff[0, 3] = -40.0
+    return a, aff
+
+
+def _joint_volume(a: np.ndarray, aff: np.ndarray) -> LabelVolume:
+    return LabelVolume(a, aff, dict(KNEE), schema="knee")
+
+
+@pytest.mark.parametrize(("fibula_side", "lateral", "named_by"), [
+    ("+x", "+x", "fibula"), ("-x", "-x", "fibula"),
+    # no fibula: the network's own labels call the -x side lateral more often (760 vs 440
+    # voxels there, 0 vs 1200 on the +x side)
+    (None, "-x", "network votes")])
+def test_compartments_are_named_by_the_side_of_the_fibula(
+        fibula_side: str | None, lateral: str, named_by: str) -> None:
+    a, aff = _joint_phantom(fibula_side)
+    rec: dict[str, Any] = {}
+    out = K.assign_compartments(a, aff, record=rec)
+    lat_slice, med_slice = (slice(40, 80), slice(0, 40)) if lateral == "+x" else \
+        (slice(0, 40), slice(40, 80))
+    plates = np.isin(a, (TCART_M, TCART_L))
+    rims = np.isin(a, (MEN_M, MEN_L))
+    for sl, plate, rim in ((lat_slice, TCART_L, MEN_L), (med_slice, TCART_M, MEN_M)):
+        assert (out[sl][plates[sl]] == plate).all()
+        assert (out[sl][rims[sl]] == rim).all()
+    np.testing.assert_array_equal(out[~(plates | rims)], a[~(plates | rims)])
+    assert rec["applied"] is True and rec["lateral_side"] == lateral
+    assert rec["named_by"] == named_by
+    assert rec["votes_agree"] is (fibula_side in (None, "-x"))
+    # both plates hold 880 voxels, rims 320 each: the split lies between the plates
+    assert -11.0 < rec["split_x_mm"] < 10.0 and rec["separation_mm"] > 30.0
+    assert rec["ml"] == pytest.approx((2 * 880 + 2 * 320) / 1000.0)
+    json.dumps(rec)
+
+
+def test_one_compartment_only_keeps_the_network_labels_and_warns() -> None:
+    a, aff = _joint_phantom()
+    a[50:72, 5:25, 15:17] = TIBIA         # no +x plate, no +x rim
+    a[68:72, 5:25, 17:21] = 0
+    out, rec = K.postprocess_knee_labels(_joint_volume(a, aff), meniscus_contact_mm=None)
+    assert rec["compartments"]["applied"] is False
+    assert "apart" in rec["compartments"]["reason"] or "holds" in rec["compartments"]["reason"]
+    assert ((out.array == TCART_L).sum(), (out.array == TCART_M).sum()) == (440, 440)
+    warnings = K.postprocess_warnings(rec)
+    assert len(warnings) == 1 and "keep the network's own labels" in warnings[0]
+    # no plates or menisci at all: nothing to assign, nothing to warn about
+    empty, aff0 = _joint_phantom()
+    empty[np.isin(empty, (TCART_L, TCART_M, MEN_L, MEN_M))] = 0
+    _, rec0 = K.postprocess_knee_labels(_joint_volume(empty, aff0))
+    assert rec0["compartments"] == {"ml": 0.0, "applied": False,
+                                    "reason": "tibial plates + menisci 0.00 mL < 0.5 mL"}
+    assert K.postprocess_warnings(rec0) == []
+
+
+def test_menisci_off_the_joint_are_removed_and_the_joint_passes_are_stable() -> None:
+    a, aff = _joint_phantom()
+    a[30:40, 32:36, 17:21] = MEN_M        # in the air 7 mm behind the joint
+    a[75:79, 5:25, 0:4] = MEN_L           # on the tibia, 18 mm below the femur
+    out, rec = K.postprocess_knee_labels(_joint_volume(a, aff))
+    res = out.array
+    assert (res[30:40, 32:36, 17:21] == 0).all()
+    assert (res[75:79, 5:25, 0:4] == 0).all()      # more air than tibia around it
+    assert (res[8:12, 5:25, 17:21] == MEN_M).all() and (res[68:72, 5:25, 17:21] == MEN_L).all()
+    joint = rec["menisci_in_joint"]
+    assert joint["contact_mm"] == K.MENISCUS_BONE_CONTACT_MM and joint["bones"] == ["femur",
+                                                                                   "tibia"]
+    assert joint["removed"]["medial_meniscus"]["voxels_removed"] == 160
+    assert joint["removed"]["lateral_meniscus"]["voxels_removed"] == 320
+    assert K.postprocess_warnings(rec) == []
+    again, rec2 = K.postprocess_knee_labels(out)
+    np.testing.assert_array_equal(again.array, res)
+    assert all(r["voxels_removed"] == 0 for r in rec2["menisci_in_joint"]["removed"].values())
+    # switched off: both pieces stay
+    off, rec3 = K.postprocess_knee_labels(_joint_volume(a, aff), meniscus_contact_mm=None)
+    assert (off.array[30:40, 32:36, 17:21] == MEN_M).all() and "menisci_in_joint" not in rec3
+
+
+def test_a_meniscus_with_no_piece_in_the_joint_is_removed_and_warned() -> None:
+    a, aff = _joint_phantom()
+    a[8:12, 5:25, 17:21] = 0
+    a[68:72, 5:25, 17:21] = 0
+    a[60:70, 32:36, 17:21] = MEN_M        # the only meniscus: +x (fibula) side, behind the joint
+    out, rec = K.postprocess_knee_labels(_joint_volume(a, aff))
+    assert not np.isin(out.array, (MEN_M, MEN_L)).any()
+    warnings = K.postprocess_warnings(rec)
+    assert len(warnings) == 1 and warnings[0].startswith("lateral_meniscus:")
+    assert "femur and tibia" in warnings[0] and "absent" in warnings[0]
+
+
+@pytest.mark.parametrize("value", [-1.0, float("inf")])
+def test_bad_meniscus_contact_is_refused(value: float) -> None:
+    with pytest.raises(K.KneeSegmentationError, match="meniscus-bone"):
+        K.postprocess_knee_labels(_volume(np.zeros((4, 4, 4))), meniscus_contact_mm=value)

@@ -321,6 +321,24 @@ def test_fusion_keeps_confirmed_fine_labels_and_thin_classes_and_takes_coarse_el
     np.testing.assert_array_equal(K.fuse_with_coarse(flab, faff, clab, rot), flab)
 
 
+def test_by_default_fine_background_inside_a_coarse_bone_takes_the_bone() -> None:
+    # the fine net misses the femur's rim (its dark cortex): x 6-9 mm inside the coarse femur
+    clab = np.zeros((10, 4, 4), np.uint8)
+    clab[:5] = KNEE_ID_["femur"]                                 # coarse femur: x 0-8 mm
+    caff = np.diag([2.0, 2.0, 2.0, 1.0])
+    flab = np.zeros((20, 8, 8), np.uint8)
+    flab[:6] = KNEE_ID_["femur"]                                 # fine femur: x 0-5 mm
+    faff = np.diag([1.0, 1.0, 1.0, 1.0])
+    assert K.FUSION_TOLERANCE_MM == 0.0
+    out = K.fuse_with_coarse(flab, faff, clab, caff)
+    assert (out[:10] == KNEE_ID_["femur"]).all() and (out[10:] == 0).all()
+    # with a 4 mm tolerance the coarse background 2 voxels away confirms the rim as background
+    wide = K.fuse_with_coarse(flab, faff, clab, caff, tolerance_mm=4.0)
+    assert (wide[6:10] == 0).all()
+    with pytest.raises(K.KneeSegmentationError, match="fusion tolerance"):
+        K.KneeSegmenter(ThresholdNet(), ThresholdNet(), fusion_tolerance_mm=-1.0)
+
+
 def test_no_knee_found_is_a_warning_in_the_output_meta() -> None:
     image, _ = _cube_image((30, 30, 30), (1.5, 1.5, 1.5), side_mm=6.0)  # 0.2 mL bright cube
     seg = K.KneeSegmenter(ThresholdNet(), ThresholdNet(), precision="fp32", backend="torch")

@@ -13,15 +13,18 @@ Pipeline of :func:`segment_knee` (METHODS.md section 3, issue 3):
    in-plane resolution of clinical knee sequences) and a second U-Net labels it with the
    sliding-window inferer (:mod:`mskmri.nn.inference`), bf16 autocast by default; its
    large classes (bones, muscle, fat pad, background) are kept only where the coarse
-   labels confirm them (:func:`fuse_with_coarse`), thin ones are its own;
+   labels agree (:func:`fuse_with_coarse`, :data:`FUSION_TOLERANCE_MM`), thin ones are its
+   own;
 4. the fine labels are brought back onto the input grid: smoothly (:func:`labels_to_grid`)
    around cartilage and menisci, by nearest neighbour elsewhere; voxels outside the region
    are background;
-5. anatomical post-processing on the input grid (:func:`postprocess_knee_labels`):
-   cartilage, menisci, ligaments and the patellar tendon drop components smaller than
+5. anatomical post-processing on the input grid (:func:`postprocess_knee_labels`): the
+   tibial plates and menisci are named medial or lateral by their side of the joint and the
+   side of the fibula (:func:`assign_compartments`), then cartilage, menisci, ligaments and the patellar tendon drop components smaller than
    :data:`MIN_COMPONENT_ML`, then each bone keeps its largest 3-D connected component
    (:data:`KEEP_LARGEST_CLASSES`), then each cartilage plate keeps only the components that
-   lie on its own bone (:data:`CARTILAGE_BONE`, :data:`CARTILAGE_BONE_CONTACT_MM`); removed
+   lie on its own bone (:data:`CARTILAGE_BONE`, :data:`CARTILAGE_BONE_CONTACT_MM`) and
+   each meniscus only those between femur and tibia (:data:`MENISCUS_BONE_CONTACT_MM`); removed
    voxels take the majority label of their kept neighbours (background when none). What was
    removed is recorded in ``meta["postprocess"]``.
 
@@ -86,8 +89,17 @@ SMOOTH_MARGIN_MM = 4.0
 #: thin classes (cartilage, menisci, ligaments, effusion) are the fine network's alone.
 FUSION_CHECKED = ("background", "femur", "tibia", "patella", "fibula", "muscle",
                   "infrapatellar_fat_pad")
-#: Distance within which the coarse labels must confirm a checked fine class, mm.
-FUSION_TOLERANCE_MM = 4.0
+#: Distance within which the coarse labels must confirm a checked fine class, mm (rounded to
+#: whole coarse voxels of 2 mm: 0, 2 and 4 mm are the distinct choices). 0: the coarse label
+#: at the voxel itself must agree. The fine network labels the dark cortex of the femoral
+#: and tibial shafts as background and never predicts the fibula, so with a tolerance a
+#: "background" rim up to that width was cut from every bone. Tuning set (the 6 renders of
+#: :data:`MIN_CARTILAGE_ML`, shipped models, every post-processing pass on): bones Dice
+#: 0.795 with 4 mm, 0.848 with 2 mm, 0.866 with 0 mm (femur 0.890 -> 0.938, fibula 0.53 ->
+#: 0.69); cartilage 0.611 -> 0.651 (plates on a whole bone pass the contact rule); menisci
+#: unchanged. A tolerance for the other classes only, with 0 for background, scored the
+#: same (0.867 with 2 mm), so one value is kept.
+FUSION_TOLERANCE_MM = 0.0
 #: Classes kept as their largest 3-D connected component by :func:`postprocess_knee_labels`:
 #: each bone is one rigid body, so a piece of its label detached from the main body is a
 #: false positive (a marrow-like patch in muscle, a speck of "femur" inside the tibia).
@@ -141,6 +153,36 @@ CARTILAGE_BONE: dict[str, str] = {
 #: the rule, 0.2687 with 0, 0.5 or 1 mm, 0.2670 with 2 mm, 0.2658 with 5 mm; femoral
 #: cartilage HD95 57.9 -> 18.8 mm (1 mm), tibial plates 87 / 71 -> 42 / 46 mm.
 CARTILAGE_BONE_CONTACT_MM = 1.0
+#: Medial / lateral pairs relabelled by anatomy (:func:`assign_compartments`): the tibial
+#: plates and the menisci.
+COMPARTMENT_PAIRS: tuple[tuple[str, str], ...] = (
+    ("medial_tibial_cartilage", "lateral_tibial_cartilage"),
+    ("medial_meniscus", "lateral_meniscus"))
+#: Fewest millilitres of tibial plates + menisci (both sides together) for the compartment
+#: split to run; below, the network's own medial / lateral labels are kept.
+COMPARTMENT_MIN_ML = 0.5
+#: Smallest distance (mm) between the two compartments' centres along the left-right axis
+#: for the split to count as two compartments (adult tibial plateaus: the plates' centres lie
+#: 35-45 mm apart; on the tuning renders 43-57 mm); below, the labels are left alone.
+COMPARTMENT_MIN_SEPARATION_MM = 20.0
+#: Each compartment must hold at least this share of the voxels split.
+COMPARTMENT_MIN_SHARE = 0.1
+#: Height (mm) of the top slab of the tibia whose median left-right position starts the split.
+COMPARTMENT_TIBIA_SLAB_MM = 15.0
+#: Smallest predicted fibula (mL, largest component) that names the lateral side; with less
+#: (fibula outside the field of view, or not found) the network's own votes decide.
+COMPARTMENT_MIN_FIBULA_ML = 1.0
+#: Largest gap (mm) between a meniscus component and each of femur and tibia for it to count
+#: as lying in the joint (:func:`remove_menisci_off_joint`). A meniscus sits on the tibial
+#: plateau's rim and meets the femoral condyle's cartilage (1.5-3 mm thick), so its gap to
+#: either bone is a few millimetres at most (true menisci on the tuning renders: 0-2.2 mm);
+#: false pieces lay 8-90 mm from one of them. Tuning set (5 renders of the two validation
+#: subjects of :data:`MIN_CARTILAGE_ML`, shipped models, the other passes on): menisci Dice
+#: 0.556 without the rule, 0.594 with 2-3 mm, 0.593 with 4-5 mm, 0.591 with 6-8 mm: a flat
+#: optimum, so the generous 4 mm is used.
+MENISCUS_BONE_CONTACT_MM = 4.0
+#: The bones a meniscus component must come near (all of them).
+MENISCUS_BONES: tuple[str, ...] = ("femur", "tibia")
 #: Connectivity of the bone components of the post-processing: 6 (face neighbours only), so
 #: the bone kept is one piece under any connectivity, as the segmentation benchmark and a
 #: surface mesh count pieces (with 26, a largest component still held 14-31 face-connected
@@ -521,12 +563,25 @@ def remove_cartilage_off_bone(
     -------
     uint8 ndarray, shape of ``arr``.
     """
+    ids = {KNEE_ID[c]: (KNEE_ID[b],) for c, b in cartilage_bone.items()}
+    return _remove_off_bones(arr, spacing_mm, ids, contact_mm, connectivity, record)
+
+
+def _remove_off_bones(arr: np.ndarray, spacing_mm: Sequence[float],
+                      bones_of: Mapping[int, tuple[int, ...]], contact_mm: float,
+                      connectivity: int, record: dict[str, dict[str, Any]] | None
+                      ) -> np.ndarray:
+    """Remove the components of the classes ``bones_of`` that are not within ``contact_mm``
+    of every one of their bones (gap between voxel boxes; see
+    :func:`remove_cartilage_off_bone`), fill them from their kept neighbours and record it.
+
+    ``arr``: (I, J, K) knee labels; ``bones_of``: class id -> bone ids it must touch.
+    """
     from scipy import ndimage
 
     spacing = np.asarray(spacing_mm, dtype=np.float64)
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    ids = {KNEE_ID[c]: KNEE_ID[b] for c, b in cartilage_bone.items()}
-    found = _class_components(arr, list(ids), connectivity)
+    found = _class_components(arr, list(bones_of), connectivity)
     if found is None:
         return arr.copy()
     comp, counts, comp_class = found
@@ -541,16 +596,182 @@ def remove_cartilage_off_bone(
             continue
         grown = tuple(slice(max(b.start - r, 0), min(b.stop + r, size))
                       for b, r, size in zip(box, reach, arr.shape, strict=True))
-        not_bone = arr[grown] != ids[int(comp_class[k])]
-        if not_bone.all():
-            continue
         grown_own = ndimage.binary_dilation(comp[grown] == k, structure=cube)
-        near = ndimage.distance_transform_edt(not_bone, sampling=spacing) <= contact_mm + 1e-9
-        touches[k] = bool((near & grown_own).any())
+        ok = True
+        for bone in bones_of[int(comp_class[k])]:
+            not_bone = arr[grown] != bone
+            if not_bone.all():
+                ok = False
+                break
+            near = ndimage.distance_transform_edt(not_bone, sampling=spacing) <= contact_mm + 1e-9
+            if not (near & grown_own).any():
+                ok = False
+                break
+        touches[k] = ok
     remove = (comp_class > 0) & ~touches
     remove[0] = False
-    _record_removed(list(ids), comp_class, counts, remove, voxel_ml, record)
+    _record_removed(list(bones_of), comp_class, counts, remove, voxel_ml, record)
     return _fill_removed(arr, comp, remove, connectivity)
+
+
+def remove_menisci_off_joint(
+        arr: np.ndarray, spacing_mm: Sequence[float], *,
+        contact_mm: float = MENISCUS_BONE_CONTACT_MM,
+        bones: Sequence[str] = MENISCUS_BONES,
+        connectivity: int = THIN_CONNECTIVITY,
+        record: dict[str, dict[str, Any]] | None = None) -> np.ndarray:
+    """Remove the meniscus components that do not lie in the tibiofemoral joint.
+
+    Why: a meniscus is a wedge between the femoral condyle and the tibial plateau, so a
+    component of either meniscus label farther than ``contact_mm`` from the femur or from the
+    tibia (a "meniscus" patch in the popliteal fat, along the patellar tendon or on the
+    femoral shaft) is a false positive; such pieces set the menisci HD95 (70-90 mm) and add
+    to the meniscal volumes.
+
+    Rule: as :func:`remove_cartilage_off_bone` (components of each class with
+    ``connectivity``, gap between voxel boxes), but a component must come within
+    ``contact_mm`` of *every* bone in ``bones``. Removed components take the majority label
+    of their kept neighbours (background when none).
+
+    Parameters
+    ----------
+    arr : (I, J, K) uint8 ndarray
+        Knee-schema labels (not modified).
+    spacing_mm : (float, float, float)
+        Voxel spacing along the array axes, mm.
+    contact_mm : float
+        Largest gap (mm) to each bone (default :data:`MENISCUS_BONE_CONTACT_MM`).
+    bones : sequence of str
+        Bones each component must come near (default :data:`MENISCUS_BONES`).
+    connectivity : {6, 18, 26}
+    record : dict, optional
+        Filled with one entry per meniscus present, as in :func:`remove_cartilage_off_bone`.
+
+    Returns
+    -------
+    uint8 ndarray, shape of ``arr``.
+    """
+    bone_ids = tuple(KNEE_ID[b] for b in bones)
+    ids = {KNEE_ID[m]: bone_ids for m in ("medial_meniscus", "lateral_meniscus")}
+    return _remove_off_bones(arr, spacing_mm, ids, contact_mm, connectivity, record)
+
+
+def assign_compartments(arr: np.ndarray, affine: np.ndarray, *,
+                        record: dict[str, Any] | None = None) -> np.ndarray:
+    """Name the medial and lateral tibial plates and menisci by anatomy.
+
+    Why: the fine network sees 38 mm windows, less than a tibial plateau is wide, and it is
+    trained on left and right knees (flip augmentation), so it often cannot tell the medial
+    from the lateral compartment: on the tuning renders 46 % of the lateral tibial plate came
+    out "medial". Merged, the two plates scored Dice 0.71 where each scored 0.33-0.40.
+
+    Rule: the voxels of the two tibial plates and the two menisci (:data:`COMPARTMENT_PAIRS`)
+    are split in two along the patient's left-right axis (world x, RAS) by 2-means
+    clustering of their x positions, started from the median x of the top
+    :data:`COMPARTMENT_TIBIA_SLAB_MM` of the tibia. The lateral compartment is the one on the
+    side of the fibula (its largest component, when at least
+    :data:`COMPARTMENT_MIN_FIBULA_ML`); without a fibula, the side that the network's own
+    labels call lateral more often. Every plate voxel then takes its side's plate label and
+    every meniscus voxel its side's meniscus label. Nothing changes when the structures are
+    too small (:data:`COMPARTMENT_MIN_ML`), or the two groups are not two compartments
+    (centres closer than :data:`COMPARTMENT_MIN_SEPARATION_MM`, or one with less than
+    :data:`COMPARTMENT_MIN_SHARE` of the voxels); ``record["applied"]`` is then False with the
+    reason.
+
+    Parameters
+    ----------
+    arr : (I, J, K) uint8 ndarray
+        Knee-schema labels (not modified).
+    affine : (4, 4) ndarray
+        Voxel to RAS world (mm) transform of ``arr``.
+    record : dict, optional
+        Filled with ``ml`` (plates + menisci, mL), ``applied``, ``reason`` (when not applied),
+        ``split_x_mm`` (world x of the
+        split), ``separation_mm``, ``lateral_side`` ("+x" or "-x"), ``named_by`` ("fibula" or
+        "network votes"), ``votes_agree`` (whether the network's labels would name the same
+        side), and ``ml_relabelled`` per class (mL whose label changed away from it).
+
+    Returns
+    -------
+    uint8 ndarray, shape of ``arr``.
+    """
+    import cc3d
+
+    rec: dict[str, Any] = record if record is not None else {}
+    out = arr.copy()
+    aff = np.asarray(affine, dtype=np.float64)
+    voxel_ml = abs(float(np.linalg.det(aff[:3, :3]))) / 1000.0
+    medial = [KNEE_ID[m] for m, _ in COMPARTMENT_PAIRS]
+    lateral = [KNEE_ID[x] for _, x in COMPARTMENT_PAIRS]
+    idx = np.nonzero(np.isin(arr, medial + lateral))
+
+    def world(ix: tuple[np.ndarray, ...]) -> np.ndarray:
+        return np.stack(ix, 1).astype(np.float64) @ aff[:3, :3].T + aff[:3, 3]
+
+    def skip(reason: str) -> np.ndarray:
+        rec.update(applied=False, reason=reason)
+        return out
+
+    rec["ml"] = round(float(idx[0].size * voxel_ml), 4)
+    if idx[0].size * voxel_ml < COMPARTMENT_MIN_ML:
+        return skip(f"tibial plates + menisci {idx[0].size * voxel_ml:.2f} mL < "
+                    f"{COMPARTMENT_MIN_ML} mL")
+    x = world(idx)[:, 0]
+    start = float(np.median(x))
+    tibia = np.nonzero(arr == KNEE_ID["tibia"])
+    if tibia[0].size:
+        tw = world(tibia)
+        top = tw[:, 2] > tw[:, 2].max() - COMPARTMENT_TIBIA_SLAB_MM
+        start = float(np.median(tw[top, 0]))
+    split = start
+    for _ in range(100):
+        lo, hi = x[x <= split], x[x > split]
+        if not lo.size or not hi.size:
+            break
+        new = 0.5 * float(lo.mean() + hi.mean())
+        if abs(new - split) < 1e-3:
+            split = new
+            break
+        split = new
+    plus = x > split
+    share = float(min(plus.mean(), 1.0 - plus.mean()))
+    if share < COMPARTMENT_MIN_SHARE:
+        return skip(f"one compartment holds {100 * share:.0f} % of the voxels "
+                    f"(< {100 * COMPARTMENT_MIN_SHARE:.0f} %)")
+    separation = float(x[plus].mean() - x[~plus].mean())
+    rec.update(split_x_mm=round(split, 2), separation_mm=round(separation, 2))
+    if separation < COMPARTMENT_MIN_SEPARATION_MM:
+        return skip(f"compartment centres {separation:.1f} mm apart "
+                    f"(< {COMPARTMENT_MIN_SEPARATION_MM} mm)")
+    labels = arr[idx]
+    is_med = np.isin(labels, medial)
+    # > 0: the network calls the +x side lateral more often than the -x side
+    vote = int((~is_med & plus).sum() + (is_med & ~plus).sum()
+               - (is_med & plus).sum() - (~is_med & ~plus).sum())
+    vote_side = 1.0 if vote > 0 else -1.0
+    side, named_by = vote_side, "network votes"
+    fib = arr == KNEE_ID["fibula"]
+    if fib.any():
+        comp, n = cc3d.connected_components(fib, connectivity=26, return_N=True)
+        counts = np.bincount(comp.ravel())
+        counts[0] = 0
+        big = int(counts.argmax())
+        if counts[big] * voxel_ml >= COMPARTMENT_MIN_FIBULA_ML:
+            side = 1.0 if float(np.median(world(np.nonzero(comp == big))[:, 0])) > split \
+                else -1.0
+            named_by = "fibula"
+    is_lat = plus if side > 0 else ~plus
+    new_labels = labels.copy()
+    for m, lat in zip(medial, lateral, strict=True):
+        pair = np.isin(labels, (m, lat))
+        new_labels[pair] = np.where(is_lat[pair], lat, m)
+    out[idx] = new_labels
+    changed = new_labels != labels
+    rec.update(applied=True, lateral_side="+x" if side > 0 else "-x", named_by=named_by,
+               votes_agree=bool(vote_side == side),
+               ml_relabelled={KNEE[c]: round(float((changed & (labels == c)).sum() * voxel_ml),
+                                             4) for c in medial + lateral})
+    return out
 
 
 def postprocess_knee_labels(
@@ -561,12 +782,18 @@ def postprocess_knee_labels(
         thin_connectivity: int = THIN_CONNECTIVITY,
         cartilage_bone: Mapping[str, str] | None = None,
         cartilage_contact_mm: float = CARTILAGE_BONE_CONTACT_MM,
+        compartments: bool = True,
+        meniscus_contact_mm: float | None = MENISCUS_BONE_CONTACT_MM,
 ) -> tuple[LabelVolume, dict[str, Any]]:
-    """Anatomical clean-up of a knee label map: one body per bone, no specks of thin tissue,
-    cartilage only on its bone.
+    """Anatomical clean-up of a knee label map: medial and lateral named by anatomy, one body
+    per bone, no specks of thin tissue, cartilage only on its bone, menisci only in the joint.
 
     Passes, each on the result of the one before:
 
+    0. compartments (:func:`assign_compartments`, when ``compartments``): the tibial plates
+       and menisci are split into the medial and lateral compartment along the left-right
+       axis and named by the side of the fibula. It comes first so that the later passes see
+       whole plates, not a plate cut into medial and lateral pieces;
     1. thin structures: 3-D connected components (:func:`cc3d.connected_components` on the
        multi-label map, ``thin_connectivity``) of the ``min_component_ml`` classes; those
        smaller than their class's volume (mL) are removed (one of exactly that volume stays);
@@ -579,7 +806,10 @@ def postprocess_knee_labels(
        (``cartilage_bone``) is removed. It comes after the bone pass so that a detached bone
        fragment cannot hold a false cartilage piece; when one of its removed pieces is filled
        with a bone label, the bone pass is run once more (its removals are added to the
-       bones' entries), so each bone stays one piece.
+       bones' entries), so each bone stays one piece;
+    4. menisci in the joint (:func:`remove_menisci_off_joint`, unless ``meniscus_contact_mm``
+       is None): each meniscus component farther than ``meniscus_contact_mm`` from the femur
+       or the tibia is removed (before the repeated bone pass of 3).
 
     Filling: each removed component takes the most frequent label among the voxels of its
     one-voxel shell (the pass's connectivity neighbourhood) that are not removed themselves;
@@ -607,6 +837,11 @@ def postprocess_knee_labels(
     cartilage_contact_mm : float
         Largest gap (mm) between a cartilage component and its bone counted as contact
         (default :data:`CARTILAGE_BONE_CONTACT_MM`).
+    compartments : bool
+        Run pass 0 (default True).
+    meniscus_contact_mm : float or None
+        Largest gap (mm) between a meniscus component and each of femur and tibia (default
+        :data:`MENISCUS_BONE_CONTACT_MM`); None: pass 4 is off.
 
     Returns
     -------
@@ -616,7 +851,8 @@ def postprocess_knee_labels(
         JSON-ready: the step's parameters and, per checked class present in the input,
         ``components`` (before), ``components_removed``, ``voxels_removed``, ``ml_removed``
         and ``ml_before`` (``removed``: passes 1 and 2; ``cartilage_on_bone``: pass 3, with
-        its parameters and its own ``removed``).
+        its parameters and its own ``removed``; ``compartments``: pass 0, see
+        :func:`assign_compartments`; ``menisci_in_joint``: pass 4, as pass 3).
 
     Raises
     ------
@@ -648,6 +884,10 @@ def postprocess_knee_labels(
     if not np.isfinite(cartilage_contact_mm) or cartilage_contact_mm < 0:
         raise KneeSegmentationError(f"post-processing cartilage-bone contact distance must be "
                                     f"finite and >= 0 mm, not {cartilage_contact_mm!r}")
+    if meniscus_contact_mm is not None and (not np.isfinite(meniscus_contact_mm)
+                                            or meniscus_contact_mm < 0):
+        raise KneeSegmentationError(f"post-processing meniscus-bone contact distance must be "
+                                    f"finite and >= 0 mm (or None), not {meniscus_contact_mm!r}")
     arr = np.asarray(labels.array)
     if arr.ndim != 3:
         raise KneeSegmentationError(f"post-processing needs a 3-D label map, not shape "
@@ -668,17 +908,30 @@ def postprocess_knee_labels(
         record["cartilage_on_bone"] = {
             "bone_of": on_bone, "contact_mm": float(cartilage_contact_mm),
             "connectivity": thin_connectivity, "removed": contact_rec}
-    # thin structures first: a speck filled with a bone label (a cartilage speck inside the
+    out = arr
+    if compartments:
+        record["compartments"] = {}
+        out = assign_compartments(out, labels.affine, record=record["compartments"])
+    # thin structures next: a speck filled with a bone label (a cartilage speck inside the
     # femur) may touch that bone at an edge only, and the bone pass then sees it
-    out = _drop_components(arr, [KNEE_ID[n] for n in min_ml], thin_connectivity, min_vox,
+    out = _drop_components(out, [KNEE_ID[n] for n in min_ml], thin_connectivity, min_vox,
                            voxel_ml, removed_rec)
     bone_ids = [KNEE_ID[n] for n in keep_largest]
     out = _drop_components(out, bone_ids, bone_connectivity, None, voxel_ml, removed_rec)
-    if on_bone:
+    menisci_rec: dict[str, dict[str, Any]] = {}
+    if meniscus_contact_mm is not None:
+        record["menisci_in_joint"] = {
+            "bones": list(MENISCUS_BONES), "contact_mm": float(meniscus_contact_mm),
+            "connectivity": thin_connectivity, "removed": menisci_rec}
+    if on_bone or meniscus_contact_mm is not None:
         before = out
-        out = remove_cartilage_off_bone(out, labels.spacing, cartilage_bone=on_bone,
-                                        contact_mm=cartilage_contact_mm,
-                                        connectivity=thin_connectivity, record=contact_rec)
+        if on_bone:
+            out = remove_cartilage_off_bone(out, labels.spacing, cartilage_bone=on_bone,
+                                            contact_mm=cartilage_contact_mm,
+                                            connectivity=thin_connectivity, record=contact_rec)
+        if meniscus_contact_mm is not None:
+            out = remove_menisci_off_joint(out, labels.spacing, contact_mm=meniscus_contact_mm,
+                                           connectivity=thin_connectivity, record=menisci_rec)
         if bone_ids and np.isin(out[out != before], bone_ids).any():
             again: dict[str, dict[str, Any]] = {}
             out = _drop_components(out, bone_ids, bone_connectivity, None, voxel_ml, again)
@@ -688,9 +941,12 @@ def postprocess_knee_labels(
                 for key in ("components_removed", "voxels_removed"):
                     base[key] += r[key]
                 base["ml_removed"] = round(base["ml_removed"] + r["ml_removed"], 4)
-    log.info("knee post-processing removed (mL) %s; cartilage off its bone %s", {
-        k: v["ml_removed"] for k, v in removed_rec.items() if v["voxels_removed"]}, {
-        k: v["ml_removed"] for k, v in contact_rec.items() if v["voxels_removed"]})
+    log.info("knee post-processing removed (mL) %s; cartilage off its bone %s; menisci off the "
+             "joint %s; compartments %s", {
+                 k: v["ml_removed"] for k, v in removed_rec.items() if v["voxels_removed"]}, {
+                 k: v["ml_removed"] for k, v in contact_rec.items() if v["voxels_removed"]}, {
+                 k: v["ml_removed"] for k, v in menisci_rec.items() if v["voxels_removed"]},
+             record.get("compartments"))
     return labels.with_array(out), record  # type: ignore[return-value]
 
 
@@ -698,8 +954,10 @@ def postprocess_warnings(record: dict[str, Any]) -> list[str]:
     """Warnings worth showing from a :func:`postprocess_knee_labels` record.
 
     A bone that lost more than :data:`BONE_REMOVED_WARN_FRACTION` of its volume (a fragmented
-    output), a thin structure all of whose components were too small, and a cartilage plate
-    none of whose components lay on its bone (either is then absent from the output).
+    output), a thin structure all of whose components were too small, a cartilage plate
+    none of whose components lay on its bone, a meniscus none of whose components lay in the
+    joint (each is then absent from the output), and medial / lateral labels that could not
+    be assigned by anatomy.
     """
     out = []
     removed = record.get("removed") or {}
@@ -725,6 +983,17 @@ def postprocess_warnings(record: dict[str, Any]) -> list[str]:
                        f"({r['ml_before']:.2f} mL) lay within {contact['contact_mm']:g} mm of "
                        f"the {contact['bone_of'][name]}; removed by post-processing, {name} is "
                        "absent from the output")
+    joint = record.get("menisci_in_joint") or {}
+    for name, r in (joint.get("removed") or {}).items():
+        if r["voxels_removed"] and r["components_removed"] == r["components"]:
+            out.append(f"{name}: none of its {r['components']} predicted component(s) "
+                       f"({r['ml_before']:.2f} mL) lay within {joint['contact_mm']:g} mm of both "
+                       f"{' and '.join(joint['bones'])}; removed by post-processing, {name} is "
+                       "absent from the output")
+    comp = record.get("compartments") or {}
+    if comp and not comp.get("applied") and comp.get("ml"):
+        out.append("medial / lateral tibial cartilage and menisci keep the network's own "
+                   f"labels, which often swap the compartments: {comp.get('reason')}")
     return out
 
 
@@ -842,10 +1111,14 @@ class KneeSegmenter:
     device : str
     overlap : float
         Sliding-window overlap.
-    keep_largest, min_component_ml, cartilage_bone, cartilage_contact_mm
+    keep_largest, min_component_ml, cartilage_bone, cartilage_contact_mm, compartments, \
+meniscus_contact_mm
         Parameters of the post-processing (:func:`postprocess_knee_labels`; defaults
         :data:`KEEP_LARGEST_CLASSES`, :data:`MIN_COMPONENT_ML`, :data:`CARTILAGE_BONE`,
-        :data:`CARTILAGE_BONE_CONTACT_MM`).
+        :data:`CARTILAGE_BONE_CONTACT_MM`, True, :data:`MENISCUS_BONE_CONTACT_MM`).
+    fusion_tolerance_mm : float
+        Distance within which the coarse labels must confirm a checked fine class
+        (:func:`fuse_with_coarse`; default :data:`FUSION_TOLERANCE_MM`).
     """
 
     def __init__(self, coarse: str | nn.Module = COARSE_MODEL, fine: str | nn.Module = FINE_MODEL,
@@ -854,7 +1127,10 @@ class KneeSegmenter:
                  keep_largest: Sequence[str] = KEEP_LARGEST_CLASSES,
                  min_component_ml: dict[str, float] | None = None,
                  cartilage_bone: Mapping[str, str] | None = None,
-                 cartilage_contact_mm: float = CARTILAGE_BONE_CONTACT_MM) -> None:
+                 cartilage_contact_mm: float = CARTILAGE_BONE_CONTACT_MM,
+                 compartments: bool = True,
+                 meniscus_contact_mm: float | None = MENISCUS_BONE_CONTACT_MM,
+                 fusion_tolerance_mm: float = FUSION_TOLERANCE_MM) -> None:
         from mskmri.nn.inference import SlidingWindowConfig, SlidingWindowInferer
 
         if backend == "onnx":
@@ -873,6 +1149,12 @@ class KneeSegmenter:
                                      else min_component_ml)
         self.cartilage_bone = dict(CARTILAGE_BONE if cartilage_bone is None else cartilage_bone)
         self.cartilage_contact_mm = float(cartilage_contact_mm)
+        self.compartments = bool(compartments)
+        self.meniscus_contact_mm = meniscus_contact_mm
+        if not np.isfinite(fusion_tolerance_mm) or fusion_tolerance_mm < 0:
+            raise KneeSegmentationError(f"fusion tolerance must be finite and >= 0 mm, not "
+                                        f"{fusion_tolerance_mm!r}")
+        self.fusion_tolerance_mm = float(fusion_tolerance_mm)
         self._inferers = {}
         for name, st in (("coarse", self.coarse), ("fine", self.fine)):
             onnx = _onnx_file(st) if backend == "onnx" else None
@@ -921,7 +1203,7 @@ class KneeSegmenter:
         timings["fine_resample_s"] = time.perf_counter() - t2
         t3 = time.perf_counter()
         flab = self._inferers["fine"].labels(fx)
-        flab = fuse_with_coarse(flab, faff, clab, caff)
+        flab = fuse_with_coarse(flab, faff, clab, caff, self.fusion_tolerance_mm)
         timings["fine_s"] = time.perf_counter() - t3
         # ---------------------------------------------------------------- back to the input
         t4 = time.perf_counter()
@@ -932,7 +1214,9 @@ class KneeSegmenter:
         out, post = postprocess_knee_labels(out, keep_largest=self.keep_largest,
                                             min_component_ml=self.min_component_ml,
                                             cartilage_bone=self.cartilage_bone,
-                                            cartilage_contact_mm=self.cartilage_contact_mm)
+                                            cartilage_contact_mm=self.cartilage_contact_mm,
+                                            compartments=self.compartments,
+                                            meniscus_contact_mm=self.meniscus_contact_mm)
         warnings += postprocess_warnings(post)
         timings["postprocess_s"] = time.perf_counter() - t5
         timings["total_s"] = time.perf_counter() - t0
@@ -944,7 +1228,7 @@ class KneeSegmenter:
         meta = {"source": image.meta.get("source"), "models": {
             "coarse": self.coarse.name, "fine": self.fine.name},
             "precision": self.precision, "backend": self.backend,
-            "region_mm": region_mm, "warnings": list(warnings),
+            "fusion_tolerance_mm": self.fusion_tolerance_mm, "region_mm": region_mm, "warnings": list(warnings),
             "timings_s": {k: round(v, 3) for k, v in timings.items()}, "postprocess": post}
         labels = LabelVolume(out.array.astype(np.uint8), image.affine, dict(KNEE), schema="knee",
                              meta=meta)
