@@ -324,6 +324,7 @@ def real_knees(seg: Any, data: Path) -> dict[str, Any]:
         rec = _components(res.labels)
         rec.update({"shape": list(img.shape), "spacing_mm": [round(s, 4) for s in img.spacing],
                     "warnings": res.warnings, "segment_s": round(res.timings_s["total_s"], 2),
+                    "compartments": res.postprocess.get("compartments"),
                     "figure": _figure(img, res.labels, f"knee_seg_{name}.png")})
         out[name] = rec
         log.info("%s: %s", name, rec["bones"])

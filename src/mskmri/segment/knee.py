@@ -668,9 +668,10 @@ def assign_compartments(arr: np.ndarray, affine: np.ndarray, *,
     Rule: the voxels of the two tibial plates and the two menisci (:data:`COMPARTMENT_PAIRS`)
     are split in two along the patient's left-right axis (world x, RAS) by 2-means
     clustering of their x positions, started from the median x of the top
-    :data:`COMPARTMENT_TIBIA_SLAB_MM` of the tibia. The lateral compartment is the one on the
+    :data:`COMPARTMENT_TIBIA_SLAB_MM` of the tibia's largest component. The lateral compartment is the one on the
     side of the fibula (its largest component, when at least
-    :data:`COMPARTMENT_MIN_FIBULA_ML`); without a fibula, the side that the network's own
+    :data:`COMPARTMENT_MIN_FIBULA_ML`, and when its median lies below the top of the tibia's
+    largest component, as the fibula hangs below the plateau); without such a fibula, the side that the network's own
     labels call lateral more often. Every plate voxel then takes its side's plate label and
     every meniscus voxel its side's meniscus label. Nothing changes when the structures are
     too small (:data:`COMPARTMENT_MIN_ML`), or the two groups are not two compartments
@@ -689,7 +690,8 @@ def assign_compartments(arr: np.ndarray, affine: np.ndarray, *,
         ``split_x_mm`` (world x of the
         split), ``separation_mm``, ``lateral_side`` ("+x" or "-x"), ``named_by`` ("fibula" or
         "network votes"), ``votes_agree`` (whether the network's labels would name the same
-        side), and ``ml_relabelled`` per class (mL whose label changed away from it).
+        side), ``fibula_ignored`` (why a predicted fibula was not used, when so), and
+        ``ml_relabelled`` per class (mL whose label changed away from it).
 
     Returns
     -------
@@ -718,10 +720,18 @@ def assign_compartments(arr: np.ndarray, affine: np.ndarray, *,
                     f"{COMPARTMENT_MIN_ML} mL")
     x = world(idx)[:, 0]
     start = float(np.median(x))
-    tibia = np.nonzero(arr == KNEE_ID["tibia"])
-    if tibia[0].size:
-        tw = world(tibia)
-        top = tw[:, 2] > tw[:, 2].max() - COMPARTMENT_TIBIA_SLAB_MM
+    def largest(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, ...]:
+        comp = cc3d.connected_components(mask, connectivity=cast(Literal[6, 18, 26],
+                                                                 connectivity))
+        counts = np.bincount(comp.ravel())
+        counts[0] = 0
+        return np.nonzero(comp == int(counts.argmax()))
+
+    tibia_top = None
+    if (arr == KNEE_ID["tibia"]).any():  # its main body: pass 0 runs before the bone pass
+        tw = world(largest(arr == KNEE_ID["tibia"], BONE_CONNECTIVITY))
+        tibia_top = float(tw[:, 2].max())
+        top = tw[:, 2] > tibia_top - COMPARTMENT_TIBIA_SLAB_MM
         start = float(np.median(tw[top, 0]))
     split = start
     for _ in range(100):
@@ -752,14 +762,15 @@ def assign_compartments(arr: np.ndarray, affine: np.ndarray, *,
     side, named_by = vote_side, "network votes"
     fib = arr == KNEE_ID["fibula"]
     if fib.any():
-        comp, n = cc3d.connected_components(fib, connectivity=26, return_N=True)
-        counts = np.bincount(comp.ravel())
-        counts[0] = 0
-        big = int(counts.argmax())
-        if counts[big] * voxel_ml >= COMPARTMENT_MIN_FIBULA_ML:
-            side = 1.0 if float(np.median(world(np.nonzero(comp == big))[:, 0])) > split \
-                else -1.0
-            named_by = "fibula"
+        fidx = largest(fib, 26)
+        if fidx[0].size * voxel_ml >= COMPARTMENT_MIN_FIBULA_ML:
+            fw = np.median(world(fidx), 0)
+            if tibia_top is not None and float(fw[2]) < tibia_top:
+                side = 1.0 if float(fw[0]) > split else -1.0
+                named_by = "fibula"
+            else:  # the fibula hangs below the tibial plateau; this one does not
+                rec["fibula_ignored"] = ("the predicted fibula does not lie below the top of "
+                                         "the tibia")
     is_lat = plus if side > 0 else ~plus
     new_labels = labels.copy()
     for m, lat in zip(medial, lateral, strict=True):
@@ -956,8 +967,8 @@ def postprocess_warnings(record: dict[str, Any]) -> list[str]:
     A bone that lost more than :data:`BONE_REMOVED_WARN_FRACTION` of its volume (a fragmented
     output), a thin structure all of whose components were too small, a cartilage plate
     none of whose components lay on its bone, a meniscus none of whose components lay in the
-    joint (each is then absent from the output), and medial / lateral labels that could not
-    be assigned by anatomy.
+    joint (each is then absent from the output), medial / lateral labels that could not be
+    assigned by anatomy, and sides named by the fibula against the network's own votes.
     """
     out = []
     removed = record.get("removed") or {}
@@ -991,6 +1002,10 @@ def postprocess_warnings(record: dict[str, Any]) -> list[str]:
                        f"{' and '.join(joint['bones'])}; removed by post-processing, {name} is "
                        "absent from the output")
     comp = record.get("compartments") or {}
+    if comp.get("applied") and not comp.get("votes_agree"):
+        out.append("medial / lateral tibial cartilage and menisci were named by the side of the "
+                   "fibula, against the network's own labels, which called the other side "
+                   "lateral more often: check the sides")
     if comp and not comp.get("applied") and comp.get("ml"):
         out.append("medial / lateral tibial cartilage and menisci keep the network's own "
                    f"labels, which often swap the compartments: {comp.get('reason')}")

@@ -52,12 +52,12 @@ class ModelEntry:
 
 
 _KNEE_SEG_CAVEAT = (
-    "the shipped knee segmentation model is a CPU training run (coarse 3000 and fine 14000 "
-    "steps on one shared thread) short of the issue-3 targets: held-out mean Dice bones 0.83 "
-    "(femur 0.92, tibia 0.89, patella 0.88, fibula 0.65), cartilage 0.48 after "
-    "post-processing, menisci 0.32, ligaments 0.17-0.45, effusion 0.59 "
-    "(benchmarks/results/knee_segmentation.json): bone and muscle volumes are rough, "
-    "cartilage thickness, meniscal, ligament and effusion numbers are NOT trustworthy; pass a "
+    "the shipped knee segmentation model is a CPU training run (coarse 8000 and fine 30000 "
+    "steps on one shared thread) short of the issue-3 targets on held-out renders: mean Dice "
+    "bones 0.90 (femur 0.96, tibia 0.94, patella 0.91, fibula 0.80), cartilage 0.71, menisci "
+    "0.68, ligaments 0.40-0.65, effusion 0.74 (benchmarks/results/knee_segmentation.json); "
+    "it has never been scored on a real knee scan with manual labels: check the overlays, and "
+    "treat cartilage thickness, meniscal, ligament and effusion numbers as rough; pass a "
     "segmentation with --seg or continue `mskmri train knee-seg --resume` on a GPU"
 )
 
@@ -66,11 +66,11 @@ MODELS: dict[str, ModelEntry] = {
     "knee-seg-coarse": ModelEntry(
         "knee-seg-coarse.safetensors", "knee-seg",
         "knee: coarse 3-D U-Net at 2 mm (finds the knee region, confirms the fine network's "
-        "large classes; 3000 CPU steps)",
+        "large classes; 8000 CPU steps)",
         caveat=_KNEE_SEG_CAVEAT),
     "knee-seg-fine": ModelEntry(
         "knee-seg-fine.safetensors", "knee-seg",
-        "knee: fine 3-D U-Net at 0.8 mm, 17 classes (14000 CPU steps)",
+        "knee: fine 3-D U-Net at 0.8 mm, 17 classes (30000 CPU steps)",
         caveat=_KNEE_SEG_CAVEAT),
 }
 
