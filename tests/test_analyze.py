@@ -195,11 +195,17 @@ def test_a_segmenter_slots_in(inputs, tmp_path):
 
     def segmenter(image: Volume) -> LabelVolume:
         out = LabelVolume(truth.array, image.affine, dict(KNEE), schema="knee",
-                          meta={"warnings": ["test segmenter: low confidence"]})
+                          meta={"warnings": ["test segmenter: low confidence"],
+                                "postprocess": {"compartments": {"applied": True}},
+                                "models": {"fine": "test"}, "source": "not copied"})
         return out
 
     res = analyze_knee(inputs["image"], tmp_path / "o", segmenter=segmenter, meshes=False)
     assert res.warnings[0] == "test segmenter: low confidence"
+    # the segmenter's record (models, post-processing...) is kept in measurements.json
+    record = _json(tmp_path / "o" / "measurements.json")["input"]["segmentation_record"]
+    assert record == {"models": {"fine": "test"},
+                      "postprocess": {"compartments": {"applied": True}}}
     seg = read_labels(tmp_path / "o" / "segmentation.nii.gz", schema="knee")
     assert np.array_equal(seg.array, truth.array)
     # an existing non-analysis folder is never replaced, not even with overwrite

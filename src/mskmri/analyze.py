@@ -81,6 +81,10 @@ MANIFEST_KIND: Final = "analysis"
 
 #: Output names inside the analysis folder.
 SEGMENTATION_FILE: Final = "segmentation.nii.gz"
+#: Keys of a segmenter's label-map meta copied into ``measurements.json``
+#: (``input.segmentation_record``) when ``analyze`` segments the image itself.
+SEGMENTATION_RECORD_KEYS: Final = ("models", "precision", "backend", "fusion_tolerance_mm",
+                                   "region_mm", "timings_s", "postprocess")
 LESIONS_FILE: Final = "lesions.nii.gz"
 MEASUREMENTS_FILE: Final = "measurements.json"
 REPORT_FILE: Final = "report.html"
@@ -659,6 +663,10 @@ def analyze_knee(
                     lesions=str(lesions_path) if lesions_path is not None else None)
         if bml_record is not None:
             info.update(lesions=f"detected ({detect_bml})", bml_detection=bml_record)
+        if seg_path is None:  # the segmenter's record: models, region, post-processing
+            record = {k: seg.meta[k] for k in SEGMENTATION_RECORD_KEYS if k in seg.meta}
+            if record:
+                info["segmentation_record"] = record
 
     mesh_list: list[Any] = []
     sections: list[ReportSection] = []
