@@ -987,20 +987,16 @@ def postprocess_warnings(record: dict[str, Any]) -> list[str]:
             out.append(f"{name}: all {r['components']} predicted component(s) were smaller "
                        f"than {min_ml[name]:g} mL and were removed by "
                        f"post-processing; {name} is absent from the output")
-    contact = record.get("cartilage_on_bone") or {}
-    for name, r in (contact.get("removed") or {}).items():
-        if r["voxels_removed"] and r["components_removed"] == r["components"]:
-            out.append(f"{name}: none of its {r['components']} predicted component(s) "
-                       f"({r['ml_before']:.2f} mL) lay within {contact['contact_mm']:g} mm of "
-                       f"the {contact['bone_of'][name]}; removed by post-processing, {name} is "
-                       "absent from the output")
-    joint = record.get("menisci_in_joint") or {}
-    for name, r in (joint.get("removed") or {}).items():
-        if r["voxels_removed"] and r["components_removed"] == r["components"]:
-            out.append(f"{name}: none of its {r['components']} predicted component(s) "
-                       f"({r['ml_before']:.2f} mL) lay within {joint['contact_mm']:g} mm of both "
-                       f"{' and '.join(joint['bones'])}; removed by post-processing, {name} is "
-                       "absent from the output")
+    for key in ("cartilage_on_bone", "menisci_in_joint"):
+        rule = record.get(key) or {}
+        for name, r in (rule.get("removed") or {}).items():
+            if r["voxels_removed"] and r["components_removed"] == r["components"]:
+                near = (f"the {rule['bone_of'][name]}" if key == "cartilage_on_bone"
+                        else f"both {' and '.join(rule['bones'])}")
+                out.append(f"{name}: none of its {r['components']} predicted component(s) "
+                           f"({r['ml_before']:.2f} mL) lay within {rule['contact_mm']:g} mm of "
+                           f"{near}; removed by post-processing, {name} is absent from the "
+                           "output")
     comp = record.get("compartments") or {}
     if comp.get("applied") and not comp.get("votes_agree"):
         out.append("medial / lateral tibial cartilage and menisci were named by the side of the "
