@@ -714,19 +714,20 @@ def assign_compartments(arr: np.ndarray, affine: np.ndarray, *,
         rec.update(applied=False, reason=reason)
         return out
 
-    rec["ml"] = round(float(idx[0].size * voxel_ml), 4)
-    if idx[0].size * voxel_ml < COMPARTMENT_MIN_ML:
-        return skip(f"tibial plates + menisci {idx[0].size * voxel_ml:.2f} mL < "
-                    f"{COMPARTMENT_MIN_ML} mL")
-    x = world(idx)[:, 0]
-    start = float(np.median(x))
     def largest(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, ...]:
+        """Indices of the largest connected component of ``mask``."""
         comp = cc3d.connected_components(mask, connectivity=cast(Literal[6, 18, 26],
                                                                  connectivity))
         counts = np.bincount(comp.ravel())
         counts[0] = 0
         return np.nonzero(comp == int(counts.argmax()))
 
+    rec["ml"] = round(float(idx[0].size * voxel_ml), 4)
+    if idx[0].size * voxel_ml < COMPARTMENT_MIN_ML:
+        return skip(f"tibial plates + menisci {idx[0].size * voxel_ml:.2f} mL < "
+                    f"{COMPARTMENT_MIN_ML} mL")
+    x = world(idx)[:, 0]
+    start = float(np.median(x))
     tibia_top = None
     if (arr == KNEE_ID["tibia"]).any():  # its main body: pass 0 runs before the bone pass
         tw = world(largest(arr == KNEE_ID["tibia"], BONE_CONNECTIVITY))
