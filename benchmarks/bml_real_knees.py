@@ -12,7 +12,8 @@ Usage::
 
     .venv/bin/python benchmarks/bml_real_knees.py [--data ../shared/data]
 
-writes ``benchmarks/results/bml_real_knees.json`` and ``figures/bml_real_<name>.png``.
+writes ``benchmarks/results/bml_real_knees.json`` and ``figures/real-data/bml_real_<name>.png``
+(local only: the figures show the real scans and are never committed).
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ log = logging.getLogger("bml-real-knees")
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "bml_real_knees.json"
-FIGURES = ROOT / "benchmarks" / "results" / "figures"
+#: Figures of the real scans: made locally, never committed (.gitignore), since nothing cut
+#: from the shared data is committed.
+FIGURES = ROOT / "benchmarks" / "results" / "figures" / "real-data"
 
 
 def _figure(image: Any, femur: np.ndarray, mask: np.ndarray, name: str) -> str:

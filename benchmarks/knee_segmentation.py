@@ -34,6 +34,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 FIGURES = RESULTS / "figures"
+#: Figures showing real scans of the shared data (never committed: .gitignore).
+REAL_FIGURES = FIGURES / "real-data"
 
 #: In-plane matrix of the validation renders (160 x VAL_INPLANE^2 from an OAI map).
 VAL_INPLANE = 256
@@ -274,7 +276,7 @@ def cartimorph(seg: Any, data: Path) -> dict[str, Any]:
     truth = load_knee_source(next(folder.glob("*segmentation*")), source="cartimorph").labels
     res = seg.run(img)
     pc = _per_class(res.labels, truth)
-    _figure(img, res.labels, "knee_seg_cartimorph.png")
+    _figure(img, res.labels, "knee_seg_cartimorph.png", real=True)
     return {"shape": list(img.shape), "per_class": pc, "warnings": res.warnings,
             "note": "a smoothed population average (103 OAI-ZIB knees), not a raw scan"}
 
@@ -301,13 +303,16 @@ def _components(labels: Any) -> dict[str, Any]:
     return out
 
 
-def _figure(image: Any, labels: Any, name: str) -> str:
+def _figure(image: Any, labels: Any, name: str, *, real: bool = False) -> str:
+    """Write an overlay figure; one of a real scan (``real``) goes to the uncommitted
+    :data:`REAL_FIGURES` folder, since nothing cut from the shared data is committed."""
     from mskmri.report.figures import overlay_figure
 
-    FIGURES.mkdir(parents=True, exist_ok=True)
+    folder = REAL_FIGURES if real else FIGURES
+    folder.mkdir(parents=True, exist_ok=True)
     png = overlay_figure(image, labels, plain_row=True, dpi=60)
-    (FIGURES / name).write_bytes(png)
-    return f"benchmarks/results/figures/{name}"
+    (folder / name).write_bytes(png)
+    return str((folder / name).relative_to(ROOT))
 
 
 def real_knees(seg: Any, data: Path) -> dict[str, Any]:
@@ -325,7 +330,7 @@ def real_knees(seg: Any, data: Path) -> dict[str, Any]:
         rec.update({"shape": list(img.shape), "spacing_mm": [round(s, 4) for s in img.spacing],
                     "warnings": res.warnings, "segment_s": round(res.timings_s["total_s"], 2),
                     "compartments": res.postprocess.get("compartments"),
-                    "figure": _figure(img, res.labels, f"knee_seg_{name}.png")})
+                    "figure": _figure(img, res.labels, f"knee_seg_{name}.png", real=True)})
         out[name] = rec
         log.info("%s: %s", name, rec["bones"])
     return out

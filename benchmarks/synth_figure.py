@@ -1,4 +1,5 @@
-"""Make ``docs/figures/synth_vs_real.png``: real knees next to our renders.
+"""Make ``benchmarks/results/figures/real-data/synth_vs_real.png``: real knees next to our
+renders (local only: it shows slices of the real scans, which are never committed).
 
 Mid-sagittal slices, each shown over the same physical field of view with its true aspect:
 real GE 3T DESS echo 1 (pyKNEEr), real GE 3T multi-echo spin-echo T2-map series first echo
@@ -8,7 +9,7 @@ here and only drawn into the figure; nothing else is written).
 
 Usage::
 
-    .venv/bin/python benchmarks/synth_figure.py [--out docs/figures/synth_vs_real.png]
+    .venv/bin/python benchmarks/synth_figure.py [--out FILE]
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ def main() -> None:
     from mskmri.paths import REPO_ROOT, shared_data_dir
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "figures" / "synth_vs_real.png")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "figures"
+                   / "real-data" / "synth_vs_real.png")
     p.add_argument("--seed", type=int, default=3)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -3,8 +3,9 @@
 Intensities are relative (fluid on a fluid-sensitive sequence = 1) and were set by eye from
 the literature's appearance of knee tissues and checked against the two real knees in
 ``../shared/data/knee`` (GE 3T DESS echo 1 from pyKNEEr; GE 3T multi-echo spin-echo T2
-map from pymskt, whose early echoes are proton-density-like and not fat-suppressed; see
-``docs/figures/synth_vs_real.png``). They are starting points, not measurements: every
+map from pymskt, whose early echoes are proton-density-like and not fat-suppressed;
+``benchmarks/synth_figure.py`` draws them side by side, locally, as the real scans are never
+committed). They are starting points, not measurements: every
 render perturbs them (``jitter``), and the ``random`` contrast ignores them altogether
 (SynthSeg, Billot et al. 2023: a random mean per tissue forces a model to learn shapes,
 not grey levels).
