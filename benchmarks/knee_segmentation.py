@@ -400,11 +400,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mskmri.nn.registry import read_card, resolve_weights
     from mskmri.paths import shared_data_dir
-    from mskmri.segment.knee import (
-        FUSION_TOLERANCE_MM,
-        MENISCUS_BONE_CONTACT_MM,
-        KneeSegmenter,
-    )
+    from mskmri.segment.knee import KneeSegmenter
 
     torch.set_num_threads(args.threads)
     shared = shared_data_dir()
@@ -418,12 +414,14 @@ def main(argv: list[str] | None = None) -> int:
         c = read_card(path)
         cards[c.name] = {"sha256": c.sha256, "steps": c.extra.get("steps"),
                          "validation": c.validation, "command": c.command}
-    settings: dict[str, Any] = {
-        "fusion_tolerance_mm": (FUSION_TOLERANCE_MM if args.fusion_tolerance_mm is None
-                                else args.fusion_tolerance_mm),
-        "compartments": not args.no_compartments,
-        "meniscus_contact_mm": None if args.no_menisci_in_joint else MENISCUS_BONE_CONTACT_MM}
-    seg = KneeSegmenter(*models, **settings)
+    overrides: dict[str, Any] = {"compartments": not args.no_compartments}
+    if args.fusion_tolerance_mm is not None:
+        overrides["fusion_tolerance_mm"] = args.fusion_tolerance_mm
+    if args.no_menisci_in_joint:
+        overrides["meniscus_contact_mm"] = None
+    seg = KneeSegmenter(*models, **overrides)
+    settings = {"fusion_tolerance_mm": seg.fusion_tolerance_mm,
+                "compartments": seg.compartments, "meniscus_contact_mm": seg.meniscus_contact_mm}
     result: dict[str, Any] = {
         "schema": "mskmri/benchmark/knee-segmentation/1",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -211,7 +211,6 @@ def _summary(exams: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "exams_with_anatomical_levels": sum(not e["ordinal"] for e in exams.values())}
 
 
-
 def _previous(path: Path) -> dict[str, Any] | None:
     """Commit, date, summaries and per-exam Cobb/Dice of the result file about to be replaced."""
     import json

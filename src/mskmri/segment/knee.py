@@ -20,12 +20,12 @@ Pipeline of :func:`segment_knee` (METHODS.md section 3, issue 3):
    are background;
 5. anatomical post-processing on the input grid (:func:`postprocess_knee_labels`): the
    tibial plates and menisci are named medial or lateral by their side of the joint and the
-   side of the fibula (:func:`assign_compartments`), then cartilage, menisci, ligaments and the patellar tendon drop components smaller than
-   :data:`MIN_COMPONENT_ML`, then each bone keeps its largest 3-D connected component
-   (:data:`KEEP_LARGEST_CLASSES`), then each cartilage plate keeps only the components that
-   lie on its own bone (:data:`CARTILAGE_BONE`, :data:`CARTILAGE_BONE_CONTACT_MM`) and
-   each meniscus only those between femur and tibia (:data:`MENISCUS_BONE_CONTACT_MM`); removed
-   voxels take the majority label of their kept neighbours (background when none). What was
+   side of the fibula (:func:`assign_compartments`), then cartilage, menisci, ligaments and
+   the patellar tendon drop components smaller than :data:`MIN_COMPONENT_ML`, then each bone
+   keeps its largest 3-D connected component (:data:`KEEP_LARGEST_CLASSES`), then each
+   cartilage plate keeps only the components that lie on its own bone
+   (:data:`CARTILAGE_BONE`, :data:`CARTILAGE_BONE_CONTACT_MM`) and each meniscus only those
+   between femur and tibia (:data:`MENISCUS_BONE_CONTACT_MM`); removed voxels take the majority label of their kept neighbours (background when none). What was
    removed is recorded in ``meta["postprocess"]``.
 
 The result is a :class:`~mskmri.volume.LabelVolume` in the input geometry (same shape and
@@ -668,11 +668,11 @@ def assign_compartments(arr: np.ndarray, affine: np.ndarray, *,
     Rule: the voxels of the two tibial plates and the two menisci (:data:`COMPARTMENT_PAIRS`)
     are split in two along the patient's left-right axis (world x, RAS) by 2-means
     clustering of their x positions, started from the median x of the top
-    :data:`COMPARTMENT_TIBIA_SLAB_MM` of the tibia's largest component. The lateral compartment is the one on the
-    side of the fibula (its largest component, when at least
-    :data:`COMPARTMENT_MIN_FIBULA_ML`, and when its median lies below the top of the tibia's
-    largest component, as the fibula hangs below the plateau); without such a fibula, the side that the network's own
-    labels call lateral more often. Every plate voxel then takes its side's plate label and
+    :data:`COMPARTMENT_TIBIA_SLAB_MM` of the tibia's largest component. The lateral
+    compartment is the one on the side of the fibula (its largest component, when at least
+    :data:`COMPARTMENT_MIN_FIBULA_ML` and its median lies below the top of the tibia's largest
+    component, as the fibula hangs below the plateau); without such a fibula, the side that
+    the network's own labels call lateral more often. Every plate voxel then takes its side's plate label and
     every meniscus voxel its side's meniscus label. Nothing changes when the structures are
     too small (:data:`COMPARTMENT_MIN_ML`), or the two groups are not two compartments
     (centres closer than :data:`COMPARTMENT_MIN_SEPARATION_MM`, or one with less than
@@ -687,8 +687,7 @@ def assign_compartments(arr: np.ndarray, affine: np.ndarray, *,
         Voxel to RAS world (mm) transform of ``arr``.
     record : dict, optional
         Filled with ``ml`` (plates + menisci, mL), ``applied``, ``reason`` (when not applied),
-        ``split_x_mm`` (world x of the
-        split), ``separation_mm``, ``lateral_side`` ("+x" or "-x"), ``named_by`` ("fibula" or
+        ``split_x_mm`` (world x of the split), ``separation_mm``, ``lateral_side`` ("+x" or "-x"), ``named_by`` ("fibula" or
         "network votes"), ``votes_agree`` (whether the network's labels would name the same
         side), ``fibula_ignored`` (why a predicted fibula was not used, when so), and
         ``ml_relabelled`` per class (mL whose label changed away from it).
@@ -729,8 +728,9 @@ def assign_compartments(arr: np.ndarray, affine: np.ndarray, *,
     x = world(idx)[:, 0]
     start = float(np.median(x))
     tibia_top = None
-    if (arr == KNEE_ID["tibia"]).any():  # its main body: pass 0 runs before the bone pass
-        tw = world(largest(arr == KNEE_ID["tibia"], BONE_CONNECTIVITY))
+    tibia = arr == KNEE_ID["tibia"]
+    if tibia.any():  # its main body: pass 0 runs before the bone pass
+        tw = world(largest(tibia, BONE_CONNECTIVITY))
         tibia_top = float(tw[:, 2].max())
         top = tw[:, 2] > tibia_top - COMPARTMENT_TIBIA_SLAB_MM
         start = float(np.median(tw[top, 0]))
@@ -739,11 +739,9 @@ def assign_compartments(arr: np.ndarray, affine: np.ndarray, *,
         lo, hi = x[x <= split], x[x > split]
         if not lo.size or not hi.size:
             break
-        new = 0.5 * float(lo.mean() + hi.mean())
-        if abs(new - split) < 1e-3:
-            split = new
+        split, before = 0.5 * float(lo.mean() + hi.mean()), split
+        if abs(split - before) < 1e-3:
             break
-        split = new
     plus = x > split
     share = float(min(plus.mean(), 1.0 - plus.mean()))
     if share < COMPARTMENT_MIN_SHARE:
@@ -755,11 +753,9 @@ def assign_compartments(arr: np.ndarray, affine: np.ndarray, *,
         return skip(f"compartment centres {separation:.1f} mm apart "
                     f"(< {COMPARTMENT_MIN_SEPARATION_MM} mm)")
     labels = arr[idx]
-    is_med = np.isin(labels, medial)
-    # > 0: the network calls the +x side lateral more often than the -x side
-    vote = int((~is_med & plus).sum() + (is_med & ~plus).sum()
-               - (is_med & plus).sum() - (~is_med & ~plus).sum())
-    vote_side = 1.0 if vote > 0 else -1.0
+    # voxels whose network label fits "+x is lateral", against those that fit "-x is lateral"
+    fits_plus = int((np.isin(labels, lateral) == plus).sum())
+    vote_side = 1.0 if 2 * fits_plus > labels.size else -1.0
     side, named_by = vote_side, "network votes"
     fib = arr == KNEE_ID["fibula"]
     if fib.any():

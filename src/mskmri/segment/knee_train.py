@@ -734,6 +734,7 @@ def _card(stage: str, config: Any, options: Mapping[str, Any], result: Any,
     patch = COARSE_PATCH if stage == "coarse" else FINE_PATCH
     val = ({"step": best["step"], **best["metrics"]} if best is not None
            else result.validation[-1] if result.validation else {})
+    segments = result.segments
     return ModelCard(
         name=COARSE_MODEL if stage == "coarse" else FINE_MODEL, task="knee-seg",
         input_spacing_mm=list(spacing),
@@ -757,8 +758,7 @@ def _card(stage: str, config: Any, options: Mapping[str, Any], result: Any,
                "steps": int(best["step"]) if best is not None else result.step,
                "trained_steps": result.step, "train_seconds": result.seconds,
                # a resumed run: ``command`` reproduces only its last segment
-               **({"training_segments": result.segments} if len(result.segments) > 1
-                  else {})},
+               **({"training_segments": segments} if len(segments) > 1 else {})},
     )
 
 
