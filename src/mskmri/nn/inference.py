@@ -276,7 +276,8 @@ class SlidingWindowInferer:
         return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
 
     # ------------------------------------------------------------------ public
-    def logits(self, image: np.ndarray | torch.Tensor, roi: Roi | None = None) -> np.ndarray:
+    def logits(self, image: np.ndarray | torch.Tensor, roi: Roi | None = None, *,
+               copy: bool = True) -> np.ndarray:
         """Blended logits over ``roi`` (the whole image when None).
 
         Parameters
@@ -285,6 +286,9 @@ class SlidingWindowInferer:
             Network input (already normalised); ``(*S)`` means one channel.
         roi : sequence of slice, optional
             Region of ``S`` to infer (steps must be 1).
+        copy : bool
+            False: return a view of the inferer's accumulator (classes innermost in memory,
+            no extra memory), valid only until the next call on this inferer.
 
         Returns
         -------
@@ -294,7 +298,8 @@ class SlidingWindowInferer:
         acc, shape, rshape = self._run(image, roi)
         acc.div_(self._weights(shape))
         region = tuple(slice(0, s) for s in rshape)
-        return np.array(acc[(slice(None), *region)].cpu().numpy(), order="C", copy=True)
+        view = acc[(slice(None), *region)].cpu().numpy()
+        return np.array(view, order="C", copy=True) if copy else view
 
     def labels(self, image: np.ndarray | torch.Tensor, roi: Roi | None = None) -> np.ndarray:
         """Arg-max labels over ``roi`` (uint8 for <= 256 classes, else int16), shape ``(*R)``."""
