@@ -1,7 +1,7 @@
 """Validation and speed of the coarse-to-fine knee segmenter (issue 3).
 
 Writes ``benchmarks/results/knee_segmentation.json`` and overlay figures under
-``benchmarks/results/figures/``:
+``benchmarks/results/figures/`` (with ``--out`` elsewhere: ``<out stem>_figures/`` beside it):
 
 1. held-out synthetic renders: for each validation subject (never trained on, split by
    subject) and each contrast, one render (``mskmri.synth.render``, seeded, in-plane matrix
@@ -311,8 +311,9 @@ def _figure(image: Any, labels: Any, name: str, *, real: bool = False) -> str:
     folder = REAL_FIGURES if real else FIGURES
     folder.mkdir(parents=True, exist_ok=True)
     png = overlay_figure(image, labels, plain_row=True, dpi=60)
-    (folder / name).write_bytes(png)
-    return str((folder / name).relative_to(ROOT))
+    path = folder / name
+    path.write_bytes(png)
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def real_knees(seg: Any, data: Path) -> dict[str, Any]:
@@ -388,13 +389,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", nargs="*", default=[], choices=["held_out", "foreign",
                                                                "cartimorph", "real", "timing"])
     ap.add_argument("--out", default=str(RESULTS / "knee_segmentation.json"))
+    ap.add_argument("--fusion", choices=["probabilities", "labels"], default=None,
+                    help="coarse-fine fusion (default: the library's)")
+    ap.add_argument("--coarse-weights", type=float, nargs=2, default=None,
+                    metavar=("LARGE", "THIN"), help="coarse weights of the probability fusion "
+                    "(default: the library's)")
     ap.add_argument("--fusion-tolerance-mm", type=float, default=None,
-                    help="coarse-fine fusion tolerance (default: the library's)")
+                    help="tolerance of the label fusion (default: the library's)")
     ap.add_argument("--no-compartments", action="store_true",
                     help="keep the network's medial/lateral labels (post-processing pass 0 off)")
     ap.add_argument("--no-menisci-in-joint", action="store_true",
                     help="post-processing pass 4 (menisci between femur and tibia) off")
     args = ap.parse_args(argv)
+    global FIGURES, REAL_FIGURES
+    out = Path(args.out).resolve()
+    if out != (RESULTS / "knee_segmentation.json").resolve():  # a trial run: figures beside it
+        FIGURES = out.parent / f"{out.stem}_figures"
+        REAL_FIGURES = FIGURES / "real-data"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import torch
 
@@ -415,12 +426,16 @@ def main(argv: list[str] | None = None) -> int:
         cards[c.name] = {"sha256": c.sha256, "steps": c.extra.get("steps"),
                          "validation": c.validation, "command": c.command}
     overrides: dict[str, Any] = {"compartments": not args.no_compartments}
+    if args.fusion is not None:
+        overrides["fusion"] = args.fusion
+    if args.coarse_weights is not None:
+        overrides["coarse_weights"] = tuple(args.coarse_weights)
     if args.fusion_tolerance_mm is not None:
         overrides["fusion_tolerance_mm"] = args.fusion_tolerance_mm
     if args.no_menisci_in_joint:
         overrides["meniscus_contact_mm"] = None
     seg = KneeSegmenter(*models, **overrides)
-    settings = {"fusion_tolerance_mm": seg.fusion_tolerance_mm,
+    settings = {"fusion": seg.fusion_record(),
                 "compartments": seg.compartments, "meniscus_contact_mm": seg.meniscus_contact_mm}
     result: dict[str, Any] = {
         "schema": "mskmri/benchmark/knee-segmentation/1",

@@ -339,6 +339,93 @@ def test_by_default_fine_background_inside_a_coarse_bone_takes_the_bone() -> Non
         K.KneeSegmenter(ThresholdNet(), ThresholdNet(), fusion_tolerance_mm=-1.0)
 
 
+def _reference_fusion(flog: np.ndarray, faff: np.ndarray, clog: np.ndarray, caff: np.ndarray,
+                      w: np.ndarray) -> np.ndarray:
+    """Independent reference: scipy trilinear sampling of the coarse logits at every fine
+    voxel centre (edge values outside), softmax, weighted mean, arg-max."""
+    from scipy import ndimage
+
+    mapping = np.linalg.inv(caff) @ faff
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in flog.shape[1:]], indexing="ij"), -1)
+    pts = idx @ mapping[:3, :3].T + mapping[:3, 3]
+    pts = np.clip(pts, 0, np.array(clog.shape[1:]) - 1)
+    cup = np.stack([ndimage.map_coordinates(c, np.moveaxis(pts, -1, 0), order=1) for c in clog])
+
+    def softmax(x: np.ndarray) -> np.ndarray:
+        e = np.exp(x - x.max(0, keepdims=True))
+        return e / e.sum(0, keepdims=True)
+
+    wk = w[:, None, None, None]
+    return (wk * softmax(cup) + (1 - wk) * softmax(flog)).argmax(0)
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_probability_fusion_matches_an_independent_reference(oblique: bool) -> None:
+    rng = np.random.default_rng(3)
+    clog = rng.normal(0, 2, (K.N_CLASSES, 9, 8, 7)).astype(np.float32)
+    flog = rng.normal(0, 2, (K.N_CLASSES, 13, 11, 10)).astype(np.float32)
+    caff = np.diag([2.0, 2.0, 2.0, 1.0])
+    caff[:3, 3] = (-3.0, 1.0, 0.5)
+    faff = np.diag([0.8, 0.8, 0.8, 1.0])
+    faff[:3, 3] = (-1.1, 2.3, 1.7)
+    if oblique:  # fine axes rotated in-plane against the coarse ones
+        c, s_ = np.cos(0.3), np.sin(0.3)
+        faff[:3, :3] = np.array([[c, -s_, 0], [s_, c, 0], [0, 0, 1.0]]) @ faff[:3, :3]
+    w = K.coarse_weight_vector(0.8, 0.3)
+    ref = _reference_fusion(flog, faff, clog, caff, w)
+    got = K.fuse_probabilities(flog, faff, clog, caff, w, slab=4)
+    assert got.dtype == np.uint8 and got.shape == flog.shape[1:]
+    assert (got == ref).mean() > 0.999  # float32 vs float64 near-ties only
+    # the inferer's accumulator layout (classes innermost) gives the same labels
+    inner = np.moveaxis(np.ascontiguousarray(np.moveaxis(flog, 0, -1)), -1, 0)
+    np.testing.assert_array_equal(K.fuse_probabilities(inner, faff, clog, caff, w), got)
+
+
+def test_probability_fusion_weights_pick_the_network() -> None:
+    # coarse says femur everywhere (cartilage second: p 0.73 / 0.27), fine says tibia with
+    # cartilage in the middle
+    caff = np.diag([2.0, 2.0, 2.0, 1.0])
+    clog = np.full((K.N_CLASSES, 6, 6, 6), -5.0, np.float32)
+    clog[KNEE_ID_["femur"]] = 5.0
+    clog[KNEE_ID_["femoral_cartilage"]] = 4.0
+    faff = np.diag([1.0, 1.0, 1.0, 1.0])
+    flog = np.full((K.N_CLASSES, 10, 10, 10), -5.0, np.float32)
+    flog[KNEE_ID_["tibia"]] = 5.0
+    flog[KNEE_ID_["femoral_cartilage"], 5, 5, 5] = 8.0
+    only_fine = K.fuse_probabilities(flog, faff, clog, caff, np.zeros(K.N_CLASSES, np.float32))
+    np.testing.assert_array_equal(only_fine, flog.argmax(0))
+    only_coarse = K.fuse_probabilities(flog, faff, clog, caff, np.ones(K.N_CLASSES, np.float32))
+    assert (only_coarse == KNEE_ID_["femur"]).all()
+    # default: bones follow the coarse network, the thin cartilage the fine one
+    out = K.fuse_probabilities(flog, faff, clog, caff)
+    assert out[5, 5, 5] == KNEE_ID_["femoral_cartilage"]
+    assert (np.delete(out.ravel(), np.ravel_multi_index((5, 5, 5), out.shape))
+            == KNEE_ID_["femur"]).all()
+    with pytest.raises(K.KneeSegmentationError, match="matching pair"):
+        K.fuse_probabilities(flog[:5], faff, clog, caff)
+    with pytest.raises(K.KneeSegmentationError, match=r"in \[0, 1\]"):
+        K.coarse_weight_vector(1.5, 0.3)
+    with pytest.raises(K.KneeSegmentationError, match="fusion must be one of"):
+        K.KneeSegmenter(ThresholdNet(), ThresholdNet(), fusion="max")
+
+
+@pytest.mark.parametrize("fusion", ["probabilities", "labels"])
+def test_both_fusions_segment_the_cube_and_say_which_ran(fusion: str) -> None:
+    image, cube = _cube_image((40, 40, 40), (1.5, 1.5, 1.5))
+    seg = K.KneeSegmenter(ThresholdNet(), ThresholdNet(), precision="fp32", fusion=fusion,
+                          keep_largest=(), compartments=False)
+    res = seg.run(image)
+    femur = res.labels.array == KNEE_ID_["femur"]
+    assert 2 * (femur & cube).sum() / (femur.sum() + cube.sum()) > 0.95
+    record = res.labels.meta["fusion"]
+    assert record["mode"] == fusion
+    if fusion == "probabilities":
+        assert (record["coarse_weight_large"], record["coarse_weight_thin"]) == \
+            (K.COARSE_WEIGHT_LARGE, K.COARSE_WEIGHT_THIN)
+    else:
+        assert record["tolerance_mm"] == K.FUSION_TOLERANCE_MM
+
+
 def test_no_knee_found_is_a_warning_in_the_output_meta() -> None:
     image, _ = _cube_image((30, 30, 30), (1.5, 1.5, 1.5), side_mm=6.0)  # 0.2 mL bright cube
     seg = K.KneeSegmenter(ThresholdNet(), ThresholdNet(), precision="fp32", backend="torch")

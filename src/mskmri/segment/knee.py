@@ -11,10 +11,14 @@ Pipeline of :func:`segment_knee` (METHODS.md section 3, issue 3):
    field of view is used);
 3. fine: only that region is resampled to :data:`FINE_SPACING_MM` (isotropic, near the
    in-plane resolution of clinical knee sequences) and a second U-Net labels it with the
-   sliding-window inferer (:mod:`mskmri.nn.inference`), bf16 autocast by default; its
-   large classes (bones, muscle, fat pad, background) are kept only where the coarse
-   labels agree (:func:`fuse_with_coarse`, :data:`FUSION_TOLERANCE_MM`), thin ones are its
-   own;
+   sliding-window inferer (:mod:`mskmri.nn.inference`), bf16 autocast by default; each
+   fine voxel takes the class with the highest per-class weighted mean of the two
+   networks' probabilities (:func:`fuse_probabilities`): the coarse network leads for the
+   large classes it sees whole (bones, muscle, fat pad, background, effusion) and the
+   ligaments (:data:`COARSE_LED`, :data:`COARSE_WEIGHT_LARGE`), the fine one for cartilage
+   and menisci (:data:`COARSE_WEIGHT_THIN`). The earlier label rule (fine labels of the large
+   classes kept only where the coarse labels agree, :func:`fuse_with_coarse`) is still
+   available (``fusion="labels"``);
 4. the fine labels are brought back onto the input grid: smoothly (:func:`labels_to_grid`)
    around cartilage and menisci, by nearest neighbour elsewhere; voxels outside the region
    are background;
@@ -81,10 +85,10 @@ SMOOTH_CLASSES = ("femoral_cartilage", "medial_tibial_cartilage", "lateral_tibia
                   "patellar_cartilage", "medial_meniscus", "lateral_meniscus")
 #: Margin around the thin classes' bounding box that is resampled smoothly, mm.
 SMOOTH_MARGIN_MM = 4.0
-#: Classes of the fine network that must be confirmed by the coarse network: a fine voxel
-#: of one of these classes is kept only where the coarse labels hold the same class within
-#: :data:`FUSION_TOLERANCE_MM`, otherwise it takes the coarse label. The fine network sees
-#: 38 mm windows and confuses large homogeneous tissues far from the joint (muscle vs
+#: Label fusion (``fusion="labels"``): classes of the fine network that must be confirmed by
+#: the coarse network: a fine voxel of one of these classes is kept only where the coarse
+#: labels hold the same class within :data:`FUSION_TOLERANCE_MM`, otherwise it takes the
+#: coarse label. The fine network sees 38 mm windows and confuses large homogeneous tissues far from the joint (muscle vs
 #: marrow, femoral vs tibial shaft) that the coarse one, seeing the whole knee, separates;
 #: thin classes (cartilage, menisci, ligaments, effusion) are the fine network's alone.
 FUSION_CHECKED = ("background", "femur", "tibia", "patella", "fibula", "muscle",
@@ -94,12 +98,36 @@ FUSION_CHECKED = ("background", "femur", "tibia", "patella", "fibula", "muscle",
 #: at the voxel itself must agree. The fine network labels the dark cortex of the femoral
 #: and tibial shafts as background and never predicts the fibula, so with a tolerance a
 #: "background" rim up to that width was cut from every bone. Tuning set (the 6 renders of
-#: :data:`MIN_CARTILAGE_ML`, shipped models, every post-processing pass on): bones Dice
-#: 0.795 with 4 mm, 0.848 with 2 mm, 0.866 with 0 mm (femur 0.890 -> 0.938, fibula 0.53 ->
+#: :data:`MIN_CARTILAGE_ML`, the models shipped then, every post-processing pass on): bones
+#: Dice 0.795 with 4 mm, 0.848 with 2 mm, 0.866 with 0 mm (femur 0.890 -> 0.938, fibula 0.53 ->
 #: 0.69); cartilage 0.611 -> 0.651 (plates on a whole bone pass the contact rule); menisci
 #: unchanged. A tolerance for the other classes only, with 0 for background, scored the
 #: same (0.867 with 2 mm), so one value is kept.
 FUSION_TOLERANCE_MM = 0.0
+#: How the coarse and fine outputs are combined: ``"probabilities"`` (default,
+#: :func:`fuse_probabilities`) or ``"labels"`` (:func:`fuse_with_coarse`, the earlier rule,
+#: kept to reproduce earlier results).
+FUSION_MODES = ("probabilities", "labels")
+DEFAULT_FUSION = "probabilities"
+#: Classes whose fused probability leans on the coarse network (weight
+#: :data:`COARSE_WEIGHT_LARGE`): those it sees whole and the fine network confuses or misses
+#: (:data:`FUSION_CHECKED`: bones, background, muscle, fat pad; the fine network's own
+#: fibula Dice is 0.26 against the coarse one's 0.89 on the validation renders), joint
+#: effusion (0.30 vs 0.56), and the ligaments and patellar tendon (tuning renders:
+#: Dice 0.665 -> 0.734 with them here). Cartilage and menisci use :data:`COARSE_WEIGHT_THIN`.
+COARSE_LED = FUSION_CHECKED + ("joint_effusion", "anterior_cruciate_ligament",
+                               "posterior_cruciate_ligament", "collateral_ligaments",
+                               "patellar_tendon")
+#: Coarse weights of :func:`fuse_probabilities`, chosen on the tuning renders (6 renders of
+#: two validation subjects that are not the benchmark's held-out maps, the shipped models):
+#: mean Dice of bones / cartilage / menisci 0.7725 with (0.6, 0.3) (0.913 / 0.735 / 0.670),
+#: 0.7706 with (0.5, 0.3), 0.7699 with (0.7, 0.3), 0.7659 with (0.8, 0.3), 0.7698 with
+#: (0.6, 0.2), 0.7715 with (0.6, 0.4); the label rule :func:`fuse_with_coarse` 0.7400
+#: (0.903 / 0.693 / 0.624).
+COARSE_WEIGHT_LARGE = 0.6
+COARSE_WEIGHT_THIN = 0.3
+#: Fine-grid slices fused at a time (bounds the extra memory to a few slices of class maps).
+FUSION_SLAB = 8
 #: Classes kept as their largest 3-D connected component by :func:`postprocess_knee_labels`:
 #: each bone is one rigid body, so a piece of its label detached from the main body is a
 #: false positive (a marrow-like patch in muscle, a speck of "femur" inside the tibia).
@@ -360,6 +388,150 @@ def fuse_with_coarse(flab: np.ndarray, faff: np.ndarray, clab: np.ndarray, caff:
     ii, jj, kk = idx[0][:, None, None], idx[1][None, :, None], idx[2][None, None, :]
     ok = allowed[flab.astype(np.intp), ii, jj, kk]
     return np.where(ok, flab, clab[ii, jj, kk]).astype(np.uint8)
+
+
+def coarse_weight_vector(large: float = COARSE_WEIGHT_LARGE,
+                         thin: float = COARSE_WEIGHT_THIN) -> np.ndarray:
+    """Per-class weight of the coarse network in :func:`fuse_probabilities`.
+
+    Returns
+    -------
+    (N_CLASSES,) float32 ndarray
+        ``large`` for :data:`COARSE_LED` (background at index 0), ``thin`` for the others.
+    """
+    for name, value in (("large", large), ("thin", thin)):
+        if not (np.isfinite(value) and 0.0 <= value <= 1.0):
+            raise KneeSegmentationError(f"the coarse weight ({name}) must lie in [0, 1], "
+                                        f"not {value!r}")
+    weights = np.full(N_CLASSES, thin, dtype=np.float32)
+    for name in COARSE_LED:
+        weights[0 if name == "background" else KNEE_ID[name]] = large
+    return weights
+
+
+def fuse_probabilities(flog: np.ndarray, faff: np.ndarray, clog: np.ndarray, caff: np.ndarray,
+                       weights: np.ndarray | None = None, *, slab: int = FUSION_SLAB
+                       ) -> np.ndarray:
+    """Labels from a per-class weighted mean of the fine and coarse class probabilities.
+
+    The coarse logits are sampled (trilinear, edge values outside) at every fine voxel
+    centre; both are turned into probabilities (softmax over classes) and class ``k`` scores
+    ``w[k] * p_coarse[k] + (1 - w[k]) * p_fine[k]``; the label is the best-scoring class.
+    Works a few fine slices at a time (:data:`FUSION_SLAB`), so no full-size copy of either
+    map is made.
+
+    Parameters
+    ----------
+    flog : (K, I, J, L) float ndarray
+        Fine logits on the grid ``faff`` (any memory layout, e.g. the inferer's accumulator).
+    faff, caff : (4, 4) ndarray
+        Voxel -> world (mm) of the fine and coarse grids (any relative orientation).
+    clog : (K, P, Q, R) float ndarray
+        Coarse logits on the grid ``caff``.
+    weights : (K,) ndarray, optional
+        Coarse weight per class in [0, 1]; :func:`coarse_weight_vector` when omitted.
+    slab : int
+        Fine slices (first axis) per step.
+
+    Returns
+    -------
+    (I, J, L) uint8 ndarray
+    """
+    import torch
+
+    n_cls = flog.shape[0]
+    if clog.shape[0] != n_cls:
+        raise KneeSegmentationError(f"the coarse and fine networks give {clog.shape[0]} and "
+                                    f"{n_cls} classes; they must be a matching pair")
+    w = coarse_weight_vector() if weights is None else np.asarray(weights, dtype=np.float32)
+    wt = torch.from_numpy(w.reshape(n_cls, 1, 1, 1).copy())
+    coarse = torch.from_numpy(np.ascontiguousarray(clog, dtype=np.float32))
+    mapping = np.linalg.inv(np.asarray(caff, dtype=np.float64)) @ np.asarray(faff, np.float64)
+    fshape = tuple(int(n) for n in flog.shape[1:])
+    sample = _axis_aligned_sampler(coarse, mapping, fshape) \
+        if np.allclose(mapping[:3, :3], np.diag(np.diag(mapping[:3, :3])), atol=1e-6) \
+        else _grid_sampler(coarse, mapping, fshape)
+    out = np.empty(fshape, dtype=np.uint8)
+    with torch.inference_mode():
+        for z0 in range(0, fshape[0], slab):
+            z1 = min(z0 + slab, fshape[0])
+            pc = sample(z0, z1).softmax(0)
+            pf = torch.from_numpy(np.asarray(flog[:, z0:z1])).float().softmax(0)
+            out[z0:z1] = _argmax_classes(torch.lerp(pf, pc, wt)).numpy()
+    return out
+
+
+def _argmax_classes(score: Any) -> Any:
+    """Arg-max over the first axis of a (K, ...) tensor as uint8, one class at a time (an
+    arg-max across the slowest axis reads memory out of order: 4x slower here)."""
+    import torch
+
+    best = score[0].clone()
+    lab = torch.zeros(best.shape, dtype=torch.uint8)
+    for k in range(1, score.shape[0]):
+        better = score[k] > best
+        lab.masked_fill_(better, k)
+        torch.maximum(best, score[k], out=best)
+    return lab
+
+
+def _linear_taps(n_out: int, scale: float, offset: float, n_in: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Lower neighbour index and weight of the upper one, for linear interpolation at
+    ``scale * i + offset`` (i < ``n_out``) on ``n_in`` samples, clamped to the edges."""
+    x = np.clip(scale * np.arange(n_out) + offset, 0.0, n_in - 1.0)
+    i0 = np.minimum(np.floor(x).astype(np.intp), max(n_in - 2, 0))
+    return i0, (x - i0).astype(np.float32)
+
+
+def _axis_aligned_sampler(coarse: Any, mapping: np.ndarray, fshape: tuple[int, ...]) -> Any:
+    """``sample(z0, z1)``: coarse logits (K, z1 - z0, J, L) trilinearly at fine slices z0:z1,
+    for grids whose axes are parallel (separable: one axis at a time, on the few coarse
+    slices a slab needs)."""
+    import torch
+
+    taps = [_linear_taps(fshape[a], float(mapping[a, a]), float(mapping[a, 3]),
+                         int(coarse.shape[a + 1])) for a in range(3)]
+
+    def along(t: Any, axis: int, i0: np.ndarray, frac: np.ndarray) -> Any:
+        lo_i = torch.from_numpy(i0)
+        hi_i = torch.from_numpy(np.minimum(i0 + 1, t.shape[axis] - 1))
+        shape = [1] * t.ndim
+        shape[axis] = len(i0)
+        f = torch.from_numpy(frac).reshape(shape)
+        return torch.lerp(t.index_select(axis, lo_i), t.index_select(axis, hi_i), f)
+
+    def sample(z0: int, z1: int) -> Any:
+        i0, frac = taps[0][0][z0:z1], taps[0][1][z0:z1]
+        lo, hi = int(i0.min()), min(int(i0.max()) + 2, int(coarse.shape[1]))
+        sub = coarse[:, lo:hi]
+        sub = along(sub, 2, *taps[1])
+        sub = along(sub, 3, *taps[2])
+        return along(sub, 1, i0 - lo, frac)
+
+    return sample
+
+
+def _grid_sampler(coarse: Any, mapping: np.ndarray, fshape: tuple[int, ...]) -> Any:
+    """``sample(z0, z1)`` for grids at any relative orientation (``grid_sample``)."""
+    import torch
+    import torch.nn.functional as F
+
+    # grid_sample wants (x, y, z) = (last, middle, first) axis in [-1, 1] (align_corners)
+    half = np.maximum(np.array(coarse.shape[1:], dtype=np.float64) - 1.0, 1.0) / 2.0
+    lin = (mapping[:3, :3] / half[:, None])[::-1]
+    off = (mapping[:3, 3] / half - 1.0)[::-1]
+    jj, kk = np.meshgrid(np.arange(fshape[1]), np.arange(fshape[2]), indexing="ij")
+    plane = (jj[..., None] * lin[:, 1] + kk[..., None] * lin[:, 2] + off).astype(np.float32)
+
+    def sample(z0: int, z1: int) -> Any:
+        zs = np.arange(z0, z1, dtype=np.float32)[:, None, None, None] * \
+            lin[:, 0].astype(np.float32)
+        grid = torch.from_numpy(plane[None] + zs)[None]
+        return F.grid_sample(coarse[None], grid, mode="bilinear", padding_mode="border",
+                             align_corners=True)[0]
+
+    return sample
 
 
 def _fine_to_input(flab: np.ndarray, faff: np.ndarray, can: Volume, image: Volume) -> LabelVolume:
@@ -1124,9 +1296,16 @@ meniscus_contact_mm
         Parameters of the post-processing (:func:`postprocess_knee_labels`; defaults
         :data:`KEEP_LARGEST_CLASSES`, :data:`MIN_COMPONENT_ML`, :data:`CARTILAGE_BONE`,
         :data:`CARTILAGE_BONE_CONTACT_MM`, True, :data:`MENISCUS_BONE_CONTACT_MM`).
+    fusion : {"probabilities", "labels"}
+        How coarse and fine outputs are combined (:data:`DEFAULT_FUSION`):
+        :func:`fuse_probabilities` or the earlier label rule :func:`fuse_with_coarse`.
+    coarse_weights : (float, float), optional
+        Coarse weights (large classes, thin classes) of the ``"probabilities"`` fusion
+        (:func:`coarse_weight_vector`; default :data:`COARSE_WEIGHT_LARGE`,
+        :data:`COARSE_WEIGHT_THIN`).
     fusion_tolerance_mm : float
-        Distance within which the coarse labels must confirm a checked fine class
-        (:func:`fuse_with_coarse`; default :data:`FUSION_TOLERANCE_MM`).
+        Distance within which the coarse labels must confirm a checked fine class in the
+        ``"labels"`` fusion (:func:`fuse_with_coarse`; default :data:`FUSION_TOLERANCE_MM`).
     """
 
     def __init__(self, coarse: str | nn.Module = COARSE_MODEL, fine: str | nn.Module = FINE_MODEL,
@@ -1138,6 +1317,8 @@ meniscus_contact_mm
                  cartilage_contact_mm: float = CARTILAGE_BONE_CONTACT_MM,
                  compartments: bool = True,
                  meniscus_contact_mm: float | None = MENISCUS_BONE_CONTACT_MM,
+                 fusion: str = DEFAULT_FUSION,
+                 coarse_weights: tuple[float, float] | None = None,
                  fusion_tolerance_mm: float = FUSION_TOLERANCE_MM) -> None:
         from mskmri.nn.inference import SlidingWindowConfig, SlidingWindowInferer
 
@@ -1163,6 +1344,15 @@ meniscus_contact_mm
             raise KneeSegmentationError(f"fusion tolerance must be finite and >= 0 mm, not "
                                         f"{fusion_tolerance_mm!r}")
         self.fusion_tolerance_mm = float(fusion_tolerance_mm)
+        if fusion not in FUSION_MODES:
+            raise KneeSegmentationError(f"fusion must be one of {', '.join(FUSION_MODES)}, "
+                                        f"not {fusion!r}")
+        self.fusion = fusion
+        large, thin = (COARSE_WEIGHT_LARGE, COARSE_WEIGHT_THIN) if coarse_weights is None \
+            else coarse_weights
+        self._coarse_weights = coarse_weight_vector(large, thin)
+        #: Coarse weights (large, thin classes) of the probability fusion.
+        self.coarse_weight_pair = (float(large), float(thin))
         self._inferers = {}
         for name, st in (("coarse", self.coarse), ("fine", self.fine)):
             onnx = _onnx_file(st) if backend == "onnx" else None
@@ -1171,6 +1361,14 @@ meniscus_contact_mm
                 SlidingWindowConfig(st.patch, overlap=overlap, batch_size=WINDOW_BATCH,
                                     precision=precision, backend=backend),
                 device=device, onnx_path=onnx)
+
+    def fusion_record(self) -> dict[str, Any]:
+        """How coarse and fine outputs are combined, for sidecars and benchmark records."""
+        if self.fusion == "probabilities":
+            large, thin = self.coarse_weight_pair
+            return {"mode": self.fusion, "coarse_weight_large": large,
+                    "coarse_weight_thin": thin, "coarse_led": list(COARSE_LED)}
+        return {"mode": self.fusion, "tolerance_mm": self.fusion_tolerance_mm}
 
     def close(self) -> None:
         """Free the inferers' buffers (and temporary ONNX exports)."""
@@ -1196,7 +1394,8 @@ meniscus_contact_mm
                                         "real MR image")
         cx = normalise_intensity(carr)
         t1 = time.perf_counter()
-        clab = self._inferers["coarse"].labels(cx)
+        clog = self._inferers["coarse"].logits(cx)
+        clab = clog.argmax(0).astype(np.uint8)
         timings["coarse_s"] = time.perf_counter() - t1
         coarse = LabelVolume(clab, caff, {0: "background", **KNEE}, schema="knee")
         # ---------------------------------------------------------------- region
@@ -1210,9 +1409,16 @@ meniscus_contact_mm
         fx = normalise_intensity(farr, reference=carr)
         timings["fine_resample_s"] = time.perf_counter() - t2
         t3 = time.perf_counter()
-        flab = self._inferers["fine"].labels(fx)
-        flab = fuse_with_coarse(flab, faff, clab, caff, self.fusion_tolerance_mm)
-        timings["fine_s"] = time.perf_counter() - t3
+        if self.fusion == "probabilities":
+            flog = self._inferers["fine"].logits(fx, copy=False)
+            timings["fine_s"] = time.perf_counter() - t3
+            flab = fuse_probabilities(flog, faff, clog, caff, self._coarse_weights)
+            del flog
+        else:
+            flab = self._inferers["fine"].labels(fx)
+            timings["fine_s"] = time.perf_counter() - t3
+            flab = fuse_with_coarse(flab, faff, clab, caff, self.fusion_tolerance_mm)
+        timings["fusion_s"] = time.perf_counter() - t3 - timings["fine_s"]
         # ---------------------------------------------------------------- back to the input
         t4 = time.perf_counter()
         out = _fine_to_input(flab, faff, can, image)
@@ -1236,7 +1442,7 @@ meniscus_contact_mm
         meta = {"source": image.meta.get("source"), "models": {
             "coarse": self.coarse.name, "fine": self.fine.name},
             "precision": self.precision, "backend": self.backend,
-            "fusion_tolerance_mm": self.fusion_tolerance_mm, "region_mm": region_mm, "warnings": list(warnings),
+            "fusion": self.fusion_record(), "region_mm": region_mm, "warnings": list(warnings),
             "timings_s": {k: round(v, 3) for k, v in timings.items()}, "postprocess": post}
         labels = LabelVolume(out.array.astype(np.uint8), image.affine, dict(KNEE), schema="knee",
                              meta=meta)
