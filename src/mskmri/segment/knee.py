@@ -87,22 +87,23 @@ SMOOTH_CLASSES = ("femoral_cartilage", "medial_tibial_cartilage", "lateral_tibia
 SMOOTH_MARGIN_MM = 4.0
 #: Label fusion (``fusion="labels"``): classes of the fine network that must be confirmed by
 #: the coarse network: a fine voxel of one of these classes is kept only where the coarse
-#: labels hold the same class within :data:`FUSION_TOLERANCE_MM`, otherwise it takes the
-#: coarse label. The fine network sees 38 mm windows and confuses large homogeneous tissues far from the joint (muscle vs
-#: marrow, femoral vs tibial shaft) that the coarse one, seeing the whole knee, separates;
-#: thin classes (cartilage, menisci, ligaments, effusion) are the fine network's alone.
+#: labels hold the same class within :data:`FUSION_TOLERANCE_MM`, otherwise it takes the coarse
+#: label. The fine network sees 38 mm windows and confuses large homogeneous tissues far from
+#: the joint (muscle vs marrow, femoral vs tibial shaft) that the coarse one, seeing the whole
+#: knee, separates; thin classes (cartilage, menisci, ligaments, effusion) are the fine
+#: network's alone.
 FUSION_CHECKED = ("background", "femur", "tibia", "patella", "fibula", "muscle",
                   "infrapatellar_fat_pad")
 #: Distance within which the coarse labels must confirm a checked fine class, mm (rounded to
-#: whole coarse voxels of 2 mm: 0, 2 and 4 mm are the distinct choices). 0: the coarse label
-#: at the voxel itself must agree. The fine network labels the dark cortex of the femoral
-#: and tibial shafts as background and never predicts the fibula, so with a tolerance a
+#: whole coarse voxels of 2 mm: 0, 2 and 4 mm are the distinct choices). 0: the coarse label at
+#: the voxel itself must agree. The fine network labels the dark cortex of the femoral and
+#: tibial shafts as background and never predicts the fibula, so with a tolerance a
 #: "background" rim up to that width was cut from every bone. Tuning set (the 6 renders of
 #: :data:`MIN_CARTILAGE_ML`, the models shipped then, every post-processing pass on): bones
 #: Dice 0.795 with 4 mm, 0.848 with 2 mm, 0.866 with 0 mm (femur 0.890 -> 0.938, fibula 0.53 ->
 #: 0.69); cartilage 0.611 -> 0.651 (plates on a whole bone pass the contact rule); menisci
-#: unchanged. A tolerance for the other classes only, with 0 for background, scored the
-#: same (0.867 with 2 mm), so one value is kept.
+#: unchanged. A tolerance for the other classes only, with 0 for background, scored the same
+#: (0.867 with 2 mm), so one value is kept.
 FUSION_TOLERANCE_MM = 0.0
 #: How the coarse and fine outputs are combined: ``"probabilities"`` (default,
 #: :func:`fuse_probabilities`) or ``"labels"`` (:func:`fuse_with_coarse`, the earlier rule,
@@ -119,7 +120,8 @@ COARSE_LED = FUSION_CHECKED + ("joint_effusion", "anterior_cruciate_ligament",
                                "posterior_cruciate_ligament", "collateral_ligaments",
                                "patellar_tendon")
 #: Coarse weights of :func:`fuse_probabilities`, chosen on the tuning renders (6 renders of
-#: two validation subjects that are not the benchmark's held-out maps, the shipped models):
+#: two validation subjects that are not the benchmark's held-out maps, the models shipped
+#: with them):
 #: mean Dice of bones / cartilage / menisci 0.7725 with (0.6, 0.3) (0.913 / 0.735 / 0.670),
 #: 0.7706 with (0.5, 0.3), 0.7699 with (0.7, 0.3), 0.7659 with (0.8, 0.3), 0.7698 with
 #: (0.6, 0.2), 0.7715 with (0.6, 0.4); the label rule :func:`fuse_with_coarse` 0.7400
