@@ -215,6 +215,18 @@ def init_runtime(device: str = "auto") -> Runtime:
     return Runtime(device=dev, rank=rank, world_size=world, local_rank=local)
 
 
+def shutdown_runtime() -> None:
+    """Leave the process group, if this process joined one, once every rank got here.
+
+    Call it after the last collective: the barrier keeps a rank that finishes early from
+    tearing its connections down while another still talks to it, and an explicit
+    ``destroy_process_group`` keeps the teardown out of interpreter shutdown.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module inside a DistributedDataParallel wrapper (or the model itself)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -743,4 +755,6 @@ def run_task(name: str, config: TrainConfig, options: Mapping[str, Any]) -> Any:
 
     task = train_task(name)
     entry = train_entry(task)
-    return entry(config, dict(options))
+    result = entry(config, dict(options))
+    shutdown_runtime()
+    return result
