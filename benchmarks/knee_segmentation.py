@@ -337,8 +337,12 @@ def real_knees(seg: Any, data: Path) -> dict[str, Any]:
     return out
 
 
-def timing(models: tuple[str, str], threads: int) -> dict[str, Any]:
-    """fp32 vs bf16 vs ONNX on one 160x384x384 render; agreement with fp32."""
+def timing(models: tuple[str, str], threads: int,
+           overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """fp32 vs bf16 vs ONNX on one 160x384x384 render; agreement with fp32.
+
+    ``overrides``: further :class:`KneeSegmenter` settings (the run's fusion, TTA, ...).
+    """
     import torch
 
     from mskmri.segment.knee import KneeSegmenter
@@ -354,7 +358,7 @@ def timing(models: tuple[str, str], threads: int) -> dict[str, Any]:
     ref = None
     for mode, precision, backend in (("fp32", "fp32", "torch"), ("bf16", "bf16", "torch"),
                                      ("onnx", "fp32", "onnx")):
-        seg = KneeSegmenter(*models, precision=precision, backend=backend)
+        seg = KneeSegmenter(*models, precision=precision, backend=backend, **(overrides or {}))
         if mode == "onnx":
             seg.run(img)  # warm-up: the ONNX export and session are built on first use
         t0 = time.perf_counter()
@@ -396,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
                     "(default: the library's)")
     ap.add_argument("--fusion-tolerance-mm", type=float, default=None,
                     help="tolerance of the label fusion (default: the library's)")
+    ap.add_argument("--tta", choices=["flip", "none"], default=None,
+                    help="test-time augmentation (default: the library's)")
     ap.add_argument("--no-compartments", action="store_true",
                     help="keep the network's medial/lateral labels (post-processing pass 0 off)")
     ap.add_argument("--no-menisci-in-joint", action="store_true",
@@ -434,8 +440,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides["fusion_tolerance_mm"] = args.fusion_tolerance_mm
     if args.no_menisci_in_joint:
         overrides["meniscus_contact_mm"] = None
+    if args.tta is not None:
+        overrides["tta"] = args.tta
     seg = KneeSegmenter(*models, **overrides)
-    settings = {"fusion": seg.fusion_record(),
+    settings = {"fusion": seg.fusion_record(), "tta": seg.tta,
                 "compartments": seg.compartments, "meniscus_contact_mm": seg.meniscus_contact_mm}
     result: dict[str, Any] = {
         "schema": "mskmri/benchmark/knee-segmentation/1",
@@ -463,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         result["real_knees"] = real_knees(seg, data)
     seg.close()
     if "timing" not in args.skip:
-        result["timing_160x384x384"] = timing(models, args.threads)
+        result["timing_160x384x384"] = timing(models, args.threads, overrides)
     from mskmri.io import atomic_write_json
 
     atomic_write_json(args.out, result)

@@ -409,14 +409,46 @@ def test_probability_fusion_weights_pick_the_network() -> None:
         K.KneeSegmenter(ThresholdNet(), ThresholdNet(), fusion="max")
 
 
-@pytest.mark.parametrize("fusion", ["probabilities", "labels"])
-def test_both_fusions_segment_the_cube_and_say_which_ran(fusion: str) -> None:
+def test_flip_averaging_is_the_mean_probability_of_the_two_passes() -> None:
+    rng = np.random.default_rng(5)
+    n_cls, shape = 4, (7, 5, 6)
+    x = rng.normal(size=shape).astype(np.float32)
+    gain = rng.normal(size=(n_cls, *shape)).astype(np.float32)  # position-dependent: not
+    # mirror-symmetric, so the mirrored pass differs from the plain one
+
+    def net(a: np.ndarray) -> np.ndarray:
+        return gain * a[None] + gain[::-1].cumsum(1)
+
+    buffer = np.empty((*shape, n_cls), np.float32)  # classes innermost, like the inferer's
+
+    def logits_of(a: np.ndarray, copy: bool) -> np.ndarray:
+        buffer[...] = np.moveaxis(net(a), 0, -1)
+        view = np.moveaxis(buffer, -1, 0)
+        return view.copy() if copy else view
+
+    def softmax(z: np.ndarray) -> np.ndarray:
+        e = np.exp(z - z.max(0))
+        return e / e.sum(0)
+
+    ref = np.log((softmax(net(x)) + softmax(net(np.ascontiguousarray(x[::-1])))[:, ::-1]) / 2)
+    for slab in (K.FUSION_SLAB, 3):
+        out = K.flip_averaged_log_probs(logits_of, x, slab=slab)
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(ref, np.log(softmax(net(x))), atol=1e-3)
+    with pytest.raises(K.KneeSegmentationError, match="tta must be one of"):
+        K.KneeSegmenter(ThresholdNet(), ThresholdNet(), tta="rotate")
+
+
+@pytest.mark.parametrize(("fusion", "tta"), [("probabilities", "flip"), ("labels", "flip"),
+                                             ("probabilities", "none"), ("labels", "none")])
+def test_both_fusions_segment_the_cube_and_say_which_ran(fusion: str, tta: str) -> None:
     image, cube = _cube_image((40, 40, 40), (1.5, 1.5, 1.5))
     seg = K.KneeSegmenter(ThresholdNet(), ThresholdNet(), precision="fp32", fusion=fusion,
-                          keep_largest=(), compartments=False)
+                          keep_largest=(), compartments=False, tta=tta)
     res = seg.run(image)
     femur = res.labels.array == KNEE_ID_["femur"]
     assert 2 * (femur & cube).sum() / (femur.sum() + cube.sum()) > 0.95
+    assert res.labels.meta["tta"] == tta
     record = res.labels.meta["fusion"]
     assert record["mode"] == fusion
     if fusion == "probabilities":

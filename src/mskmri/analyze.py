@@ -83,7 +83,7 @@ MANIFEST_KIND: Final = "analysis"
 SEGMENTATION_FILE: Final = "segmentation.nii.gz"
 #: Keys of a segmenter's label-map meta copied into ``measurements.json``
 #: (``input.segmentation_record``) when ``analyze`` segments the image itself.
-SEGMENTATION_RECORD_KEYS: Final = ("models", "precision", "backend", "fusion",
+SEGMENTATION_RECORD_KEYS: Final = ("models", "precision", "backend", "fusion", "tta",
                                    "region_mm", "timings_s", "postprocess")
 LESIONS_FILE: Final = "lesions.nii.gz"
 MEASUREMENTS_FILE: Final = "measurements.json"

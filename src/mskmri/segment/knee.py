@@ -18,7 +18,9 @@ Pipeline of :func:`segment_knee` (METHODS.md section 3, issue 3):
    ligaments (:data:`COARSE_LED`, :data:`COARSE_WEIGHT_LARGE`), the fine one for cartilage
    and menisci (:data:`COARSE_WEIGHT_THIN`). The earlier label rule (fine labels of the large
    classes kept only where the coarse labels agree, :func:`fuse_with_coarse`) is still
-   available (``fusion="labels"``);
+   available (``fusion="labels"``). Each network also sees the left-right mirror of its
+   input, and its probabilities are the mean of the two passes (``tta="flip"``, default,
+   :func:`flip_averaged_log_probs`);
 4. the fine labels are brought back onto the input grid: smoothly (:func:`labels_to_grid`)
    around cartilage and menisci, by nearest neighbour elsewhere; voxels outside the region
    are background;
@@ -130,6 +132,15 @@ COARSE_WEIGHT_LARGE = 0.6
 COARSE_WEIGHT_THIN = 0.3
 #: Fine-grid slices fused at a time (bounds the extra memory to a few slices of class maps).
 FUSION_SLAB = 8
+#: Test-time augmentation (``tta=``): ``"flip"`` (default) runs each network on the image and
+#: on its left-right mirror (both networks were trained with left-right flips) and averages
+#: the class probabilities (:func:`flip_averaged_log_probs`); ``"none"`` runs each once.
+#: Tuning renders (the 6 of :data:`COARSE_WEIGHT_LARGE`, the shipped models, probability
+#: fusion): mean Dice of bones / cartilage / menisci 0.7724 without, 0.7783 with both networks
+#: averaged (0.913 -> 0.921 / 0.735 -> 0.736 / 0.670 -> 0.678; higher on 6 of 6 renders),
+#: 0.7764 with the coarse network alone averaged, 0.7741 with the fine one alone.
+TTA_MODES = ("none", "flip")
+DEFAULT_TTA = "flip"
 #: Classes kept as their largest 3-D connected component by :func:`postprocess_knee_labels`:
 #: each bone is one rigid body, so a piece of its label detached from the main body is a
 #: false positive (a marrow-like patch in muscle, a speck of "femur" inside the tibia).
@@ -461,6 +472,40 @@ def fuse_probabilities(flog: np.ndarray, faff: np.ndarray, clog: np.ndarray, caf
             pf = torch.from_numpy(np.asarray(flog[:, z0:z1])).float().softmax(0)
             out[z0:z1] = _argmax_classes(torch.lerp(pf, pc, wt)).numpy()
     return out
+
+
+def flip_averaged_log_probs(logits_of: Any, x: np.ndarray, *, slab: int = FUSION_SLAB
+                            ) -> np.ndarray:
+    """Log of the mean class probabilities of ``x`` and of its mirror along axis 0.
+
+    Parameters
+    ----------
+    logits_of : callable
+        ``logits_of(x, copy)`` -> (K, *S) float32 logits of the (*S) input ``x``;
+        ``copy=False`` may return a view that the next call overwrites.
+    x : (I, J, L) ndarray
+        Network input; axis 0 is left-right in the canonical (RAS) grid.
+    slab : int
+        Slices (first spatial axis) combined per step.
+
+    Returns
+    -------
+    (K, I, J, L) float32 ndarray
+        ``log((softmax(f(x)) + flip(softmax(f(flip(x))))) / 2)``, a valid input wherever
+        logits are expected (its softmax is the mean probability).
+    """
+    import torch
+
+    out = torch.from_numpy(np.ascontiguousarray(logits_of(x, True), dtype=np.float32))
+    mirrored = logits_of(np.ascontiguousarray(x[::-1]), False)
+    n = out.shape[1]
+    with torch.inference_mode():
+        for z0 in range(0, n, slab):
+            z1 = min(z0 + slab, n)
+            p = out[:, z0:z1].softmax(0)
+            q = torch.from_numpy(np.asarray(mirrored[:, n - z1:n - z0])).float().flip(1)
+            out[:, z0:z1] = p.add_(q.softmax(0)).mul_(0.5).clamp_min_(1e-12).log_()
+    return out.numpy()
 
 
 def _argmax_classes(score: Any) -> Any:
@@ -1308,6 +1353,11 @@ meniscus_contact_mm
     fusion_tolerance_mm : float
         Distance within which the coarse labels must confirm a checked fine class in the
         ``"labels"`` fusion (:func:`fuse_with_coarse`; default :data:`FUSION_TOLERANCE_MM`).
+    tta : {"flip", "none"}
+        Test-time augmentation (:data:`DEFAULT_TTA`): each network also sees the left-right
+        mirror of its input and the probabilities are averaged
+        (:func:`flip_averaged_log_probs`); about twice the network time and one more fine
+        class map in memory.
     """
 
     def __init__(self, coarse: str | nn.Module = COARSE_MODEL, fine: str | nn.Module = FINE_MODEL,
@@ -1321,7 +1371,8 @@ meniscus_contact_mm
                  meniscus_contact_mm: float | None = MENISCUS_BONE_CONTACT_MM,
                  fusion: str = DEFAULT_FUSION,
                  coarse_weights: tuple[float, float] | None = None,
-                 fusion_tolerance_mm: float = FUSION_TOLERANCE_MM) -> None:
+                 fusion_tolerance_mm: float = FUSION_TOLERANCE_MM,
+                 tta: str = DEFAULT_TTA) -> None:
         from mskmri.nn.inference import SlidingWindowConfig, SlidingWindowInferer
 
         if backend == "onnx":
@@ -1350,6 +1401,10 @@ meniscus_contact_mm
             raise KneeSegmentationError(f"fusion must be one of {', '.join(FUSION_MODES)}, "
                                         f"not {fusion!r}")
         self.fusion = fusion
+        if tta not in TTA_MODES:
+            raise KneeSegmentationError(f"tta must be one of {', '.join(TTA_MODES)}, not "
+                                        f"{tta!r}")
+        self.tta = tta
         large, thin = (COARSE_WEIGHT_LARGE, COARSE_WEIGHT_THIN) if coarse_weights is None \
             else coarse_weights
         self._coarse_weights = coarse_weight_vector(large, thin)
@@ -1371,6 +1426,13 @@ meniscus_contact_mm
             return {"mode": self.fusion, "coarse_weight_large": large,
                     "coarse_weight_thin": thin, "coarse_led": list(COARSE_LED)}
         return {"mode": self.fusion, "tolerance_mm": self.fusion_tolerance_mm}
+
+    def _scores(self, stage: str, x: np.ndarray, *, copy: bool = True) -> np.ndarray:
+        """(K, *S) logits of network ``stage`` (or flip-averaged log-probabilities, ``tta``)."""
+        inferer = self._inferers[stage]
+        if self.tta == "flip":
+            return flip_averaged_log_probs(lambda a, c: inferer.logits(a, copy=c), x)
+        return inferer.logits(x, copy=copy)
 
     def close(self) -> None:
         """Free the inferers' buffers (and temporary ONNX exports)."""
@@ -1396,7 +1458,7 @@ meniscus_contact_mm
                                         "real MR image")
         cx = normalise_intensity(carr)
         t1 = time.perf_counter()
-        clog = self._inferers["coarse"].logits(cx)
+        clog = self._scores("coarse", cx)
         clab = clog.argmax(0).astype(np.uint8)
         timings["coarse_s"] = time.perf_counter() - t1
         coarse = LabelVolume(clab, caff, {0: "background", **KNEE}, schema="knee")
@@ -1412,12 +1474,13 @@ meniscus_contact_mm
         timings["fine_resample_s"] = time.perf_counter() - t2
         t3 = time.perf_counter()
         if self.fusion == "probabilities":
-            flog = self._inferers["fine"].logits(fx, copy=False)
+            flog = self._scores("fine", fx, copy=False)
             timings["fine_s"] = time.perf_counter() - t3
             flab = fuse_probabilities(flog, faff, clog, caff, self._coarse_weights)
             del flog
         else:
-            flab = self._inferers["fine"].labels(fx)
+            flab = self._inferers["fine"].labels(fx) if self.tta == "none" else \
+                self._scores("fine", fx).argmax(0).astype(np.uint8)
             timings["fine_s"] = time.perf_counter() - t3
             flab = fuse_with_coarse(flab, faff, clab, caff, self.fusion_tolerance_mm)
         timings["fusion_s"] = time.perf_counter() - t3 - timings["fine_s"]
@@ -1444,7 +1507,8 @@ meniscus_contact_mm
         meta = {"source": image.meta.get("source"), "models": {
             "coarse": self.coarse.name, "fine": self.fine.name},
             "precision": self.precision, "backend": self.backend,
-            "fusion": self.fusion_record(), "region_mm": region_mm, "warnings": list(warnings),
+            "fusion": self.fusion_record(), "tta": self.tta, "region_mm": region_mm,
+            "warnings": list(warnings),
             "timings_s": {k: round(v, 3) for k, v in timings.items()}, "postprocess": post}
         labels = LabelVolume(out.array.astype(np.uint8), image.affine, dict(KNEE), schema="knee",
                              meta=meta)
