@@ -338,9 +338,13 @@ def real_knees(seg: Any, data: Path) -> dict[str, Any]:
 
 
 def timing(models: tuple[str, str], threads: int,
-           overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+           overrides: dict[str, Any] | None = None, repeats: int = 3) -> dict[str, Any]:
     """fp32 vs bf16 vs ONNX on one 160x384x384 render; agreement with fp32.
 
+    Each mode runs ``repeats`` times after one warm-up run (the ONNX export and session, the
+    first allocations); ``seconds`` is the median of the timed runs, ``seconds_runs`` all of
+    them. The 2 cores of this machine are shared with other virtual machines: the same model
+    took 10.5 to 16.3 s in single runs within minutes, so a single run is not a measurement.
     ``overrides``: further :class:`KneeSegmenter` settings (the run's fusion, TTA, ...).
     """
     import torch
@@ -354,29 +358,35 @@ def timing(models: tuple[str, str], threads: int,
     src = load_knee_source(subject_split()["val"][0])
     img = render(src.labels, contrast="dess", seed=VAL_SEED, lesions=src.lesions,
                  extra=src.extra, effusion_ml=VAL_EFFUSION_ML).image
-    out: dict[str, Any] = {"shape": list(img.shape), "threads": threads, "modes": {}}
+    out: dict[str, Any] = {"shape": list(img.shape), "threads": threads, "repeats": repeats,
+                           "modes": {}}
     ref = None
     for mode, precision, backend in (("fp32", "fp32", "torch"), ("bf16", "bf16", "torch"),
                                      ("onnx", "fp32", "onnx")):
         seg = KneeSegmenter(*models, precision=precision, backend=backend, **(overrides or {}))
-        if mode == "onnx":
-            seg.run(img)  # warm-up: the ONNX export and session are built on first use
-        t0 = time.perf_counter()
-        res = seg.run(img)
-        dt = time.perf_counter() - t0
+        seg.run(img)  # warm-up
+        runs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            res = seg.run(img)
+            runs.append(time.perf_counter() - t0)
         seg.close()
         lab = res.labels.array
         if ref is None:
             ref = lab
         agree = float((lab == ref).mean())
-        out["modes"][mode] = {"seconds": round(dt, 2), "agreement_with_fp32": round(agree, 5),
+        dt = float(np.median(runs))
+        out["modes"][mode] = {"seconds": round(dt, 2),
+                              "seconds_runs": [round(r, 2) for r in runs],
+                              "agreement_with_fp32": round(agree, 5),
                               "steps_s": {k: round(v, 2) for k, v in res.timings_s.items()},
                               "load_average_1min": round(os.getloadavg()[0], 2)}
-        log.info("%s: %.1f s, agreement %.5f", mode, dt, agree)
+        log.info("%s: median %.1f s of %s, agreement %.5f", mode, dt,
+                 [round(r, 1) for r in runs], agree)
     ok = {m: r for m, r in out["modes"].items() if r["agreement_with_fp32"] >= AGREEMENT_MIN}
     out["fastest_keeping_labels"] = min(ok, key=lambda m: ok[m]["seconds"])
     out["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
-    out["target"] = {"seconds": 15, "peak_gb": 3}
+    out["target"] = {"seconds": 15, "peak_gb": 3, "statistic": "median of the timed runs"}
     return out
 
 
@@ -388,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--contrasts", nargs="+",
                     default=["dess", "iw-fs", "t1", "t2", "pd", "random"])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median)")
     ap.add_argument("--foreign", type=int, default=2, help="foreign-synthesis images per "
                     "held-out subject")
     ap.add_argument("--skip", nargs="*", default=[], choices=["held_out", "foreign",
@@ -471,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         result["real_knees"] = real_knees(seg, data)
     seg.close()
     if "timing" not in args.skip:
-        result["timing_160x384x384"] = timing(models, args.threads, overrides)
+        result["timing_160x384x384"] = timing(models, args.threads, overrides,
+                                                 args.repeats)
     from mskmri.io import atomic_write_json
 
     atomic_write_json(args.out, result)

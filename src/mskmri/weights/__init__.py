@@ -52,10 +52,10 @@ class ModelEntry:
 
 
 _KNEE_SEG_CAVEAT = (
-    "the shipped knee segmentation model is a CPU training run (coarse 11000 and fine 40000 "
+    "the shipped knee segmentation model is a CPU training run (coarse 11000 and fine 59000 "
     "steps on one shared thread) short of the issue-3 targets on held-out renders: mean Dice "
-    "bones 0.92 (femur 0.97, tibia 0.95, patella 0.93, fibula 0.82), cartilage 0.76, menisci "
-    "0.70, ligaments 0.56-0.80, effusion 0.78 (benchmarks/results/knee_segmentation.json); "
+    "bones 0.92 (femur 0.97, tibia 0.95, patella 0.94, fibula 0.83), cartilage 0.77, menisci "
+    "0.71, ligaments 0.59-0.80, effusion 0.79 (benchmarks/results/knee_segmentation.json); "
     "it has never been scored on a real knee scan with manual labels: check the overlays, and "
     "treat cartilage thickness, meniscal, ligament and effusion numbers as rough; pass a "
     "segmentation with --seg or continue `mskmri train knee-seg --resume` on a GPU"
