@@ -330,3 +330,60 @@ def test_detect_bml_reports_the_detected_lesion(tmp_path, capsys):
     assert record["threshold_from"]["source"].startswith("model card")
     assert any("BML inpainter" in w for w in doc["warnings"])
     assert "bml-inpaint" in (out / "report.html").read_text(encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- segmenter options
+def test_model_device_and_tta_reach_the_knee_segmenter(inputs, tmp_path, monkeypatch):
+    """`analyze knee --model DIR --tta none` segments with DIR's weights, says so everywhere."""
+    import mskmri.segment.knee as knee
+
+    truth = read_labels(inputs["seg"], schema="knee")
+    calls: list[dict] = []
+
+    def fake_segment_knee(image: Volume, **kwargs) -> LabelVolume:
+        calls.append(kwargs)
+        return LabelVolume(truth.array, image.affine, dict(KNEE), schema="knee",
+                           meta={"models": {"coarse": str(kwargs.get("coarse", "shipped")),
+                                            "fine": str(kwargs.get("fine", "shipped"))},
+                                 "tta": kwargs.get("tta", "default")})
+
+    # stands in for the shipped segmenter, under its name
+    fake_segment_knee.__module__, fake_segment_knee.__qualname__ = knee.__name__, "segment_knee"
+    monkeypatch.setattr(knee, "segment_knee", fake_segment_knee)
+    models = tmp_path / "run"
+    models.mkdir()
+    for name in ("knee-seg-coarse", "knee-seg-fine"):
+        (models / f"{name}.safetensors").write_bytes(b"")
+    out = tmp_path / "o"
+    assert main(["-q", "analyze", "knee", str(inputs["image"]), "--out", str(out),
+                 "--model", str(models), "--tta", "none", "--no-meshes"]) == 0
+    assert calls == [{"coarse": str(models / "knee-seg-coarse.safetensors"),
+                      "fine": str(models / "knee-seg-fine.safetensors"),
+                      "device": "cpu", "tta": "none"}]
+    record = _json(out / "measurements.json")["input"]["segmentation_record"]
+    assert record["tta"] == "none" and record["models"]["fine"].startswith(str(models))
+    command = _json(out / "manifest.json")["command"]
+    assert f"--model {models}" in command and "--tta none" in command
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "weights given with --model" in html and "knee-seg-fine.safetensors" in html
+    # the shipped pair with default settings: nothing bound, the shipped models' rows
+    calls.clear()
+    assert main(["-q", "analyze", "knee", str(inputs["image"]), "--out", str(tmp_path / "d"),
+                 "--no-meshes"]) == 0
+    assert calls == [{}]
+    html = (tmp_path / "d" / "report.html").read_text(encoding="utf-8")
+    assert "weights given with --model" not in html and "knee-seg-fine" in html
+
+
+def test_segmenter_options_are_refused_where_they_would_be_ignored(inputs, tmp_path, capsys):
+    out = tmp_path / "o"
+    _exit_2(capsys, ["analyze", "knee", str(inputs["image"]), "--out", str(out), "--seg",
+                     str(inputs["seg"]), "--tta", "none"], out, "--seg", "not segmented")
+    _exit_2(capsys, ["analyze", "knee", str(inputs["image"]), "--out", str(out),
+                     "--model", str(tmp_path / "nowhere")], out, "knee-seg-coarse")
+    _exit_2(capsys, ["analyze", "spine", str(inputs["image"]), "--out", str(out),
+                     "--tta", "none", "--no-meshes"], out, "--tta, --no-meshes are for the "
+            "knee only")
+    seg_out = tmp_path / "s.nii.gz"
+    _exit_2(capsys, ["segment", "spine", str(inputs["image"]), str(seg_out), "--tta", "flip"],
+            seg_out, "--tta is for the knee only")

@@ -520,6 +520,12 @@ def test_cli_segments_the_phantom_with_the_shipped_weights(tmp_path: Path,
     side = json.loads(out.with_name("seg.json").read_text())
     assert side["label_schema"] == "knee" and "segmentation" in side
     assert side["segmentation"]["models"] == {"coarse": K.COARSE_MODEL, "fine": K.FINE_MODEL}
+    assert side["segmentation"]["tta"] == K.DEFAULT_TTA == "flip"
+    # --tta none: each network once, recorded in the sidecar
+    once = tmp_path / "once.nii.gz"
+    assert main(["segment", "knee", str(src), str(once), "--tta", "none"]) == 0
+    assert json.loads(once.with_name("once.json").read_text())["segmentation"]["tta"] == "none"
+    assert read_labels(once, schema="knee", labels=KNEE).shape == img.shape
     # the shipped models are unvalidated: every output says so (no silent wrong numbers)
     from mskmri.weights import model_caveat
 

@@ -264,10 +264,37 @@ KNEE_METHODS: tuple[str, ...] = (
 )
 
 
+def _configured_segmenter(seg_fn: Segmenter, model: str | None, device: str,
+                          tta: str | None) -> Segmenter:
+    """The default knee segmenter with ``--model``, ``--device`` and ``--tta`` bound.
+
+    Raises
+    ------
+    MskMriError
+        ``model`` is neither the shipped pair nor a folder with both weight files.
+    """
+    import functools
+
+    kwargs: dict[str, Any] = {"device": device}
+    if model not in (None, "knee-seg"):
+        from mskmri.segment.knee import knee_model_pair
+
+        kwargs["coarse"], kwargs["fine"] = knee_model_pair(model)
+    if tta is not None:
+        kwargs["tta"] = tta
+    return functools.partial(seg_fn, **kwargs)
+
+
 def _knee_models(seg_fn: Any, seg_source: str) -> list[Any]:
     """ModelInfo rows of the segmenter that made the knee label map."""
     from mskmri.report.html import ModelInfo, model_info
 
+    bound = getattr(seg_fn, "keywords", {})  # see _configured_segmenter
+    if seg_source.endswith(KNEE_SEGMENTER.replace(":", ".")) and "fine" in bound:
+        return [ModelInfo(role, str(bound[key]), "weights given with --model",
+                          "not a shipped model: its validation is the caller's")
+                for role, key in (("knee region (coarse)", "coarse"),
+                                  ("knee segmentation (fine)", "fine"))]
     if seg_source.endswith(KNEE_SEGMENTER.replace(":", ".")):
         return [model_info("knee-seg-coarse", "knee region (coarse)"),
                 model_info("knee-seg-fine", "knee segmentation (fine)")]
@@ -540,6 +567,9 @@ def analyze_knee(
     include_phi: bool = False,
     pdf: bool = False,
     detect_bml: str | None = None,
+    model: str | None = None,
+    device: str = "cpu",
+    tta: str | None = None,
 ) -> AnalysisResult:
     """Segment (or take a segmentation), measure, mesh, render and report one knee.
 
@@ -576,6 +606,15 @@ def analyze_knee(
         (:func:`mskmri.anomaly.inpaint.detect_bml` or :func:`mskmri.anomaly.mkd.detect_bml_mkd`,
         femur from the segmentation) and report them as the lesion mask; its warnings and
         record go into the outputs. Not together with ``lesions_path``.
+    model : str, optional
+        Settings of the default segmenter (not with ``segmenter``; unused with ``seg_path``):
+        ``"knee-seg"`` or None for the shipped pair, or a ``mskmri train knee-seg`` output
+        folder holding ``knee-seg-coarse``/``knee-seg-fine`` weight files
+        (:func:`mskmri.segment.knee.knee_model_pair`).
+    device : str
+        torch device of the default segmenter.
+    tta : {"flip", "none"}, optional
+        Test-time augmentation of the default segmenter (None: its default, ``"flip"``).
 
     Returns
     -------
@@ -601,6 +640,15 @@ def analyze_knee(
     if detect_bml is not None and detect_bml not in BML_METHODS:
         raise MskMriError(f"--detect-bml {detect_bml!r} is not a method; use "
                           f"{' or '.join(BML_METHODS)}")
+    custom = model not in (None, "knee-seg") or device != "cpu" or tta is not None
+    if segmenter is not None and custom:
+        raise MskMriError("model, device and tta set the default knee segmenter; give them "
+                          "or a segmenter, not both")
+    if seg_path is not None and custom:
+        raise MskMriError(f"--seg {seg_path} with --model, --device or --tta: the knee is not "
+                          "segmented when a label map is given; drop one of them")
+    configured = (_configured_segmenter(default_knee_segmenter(), model, device, tta)
+                  if custom else None)
     if detect_bml is not None and lesions_path is not None:
         raise MskMriError(f"--detect-bml {detect_bml} with --lesions {lesions_path}: give a "
                           "lesion mask or detect lesions, not both")
@@ -618,19 +666,20 @@ def analyze_knee(
             seg = _read_segmentation(seg_path, image)
         lesions = _read_lesions(lesions_path, image) if lesions_path is not None else None
     if seg is None:
-        seg_fn = segmenter if segmenter is not None else default_knee_segmenter()
+        seg_fn = segmenter or configured or default_knee_segmenter()
         with timer.step("segment", "segmenting the knee"):
             try:
                 seg = _segment(image, seg_fn)
             except ModelError as exc:
-                if segmenter is not None:
+                if segmenter is not None or model not in (None, "knee-seg"):
                     raise
                 raise ModelError(
                     f"{exc}; the knee model is not available in this installation: segment "
                     "the image elsewhere and pass the label map with --seg SEG (knee schema, "
                     "on the image's grid)"
                 ) from exc
-        seg_source = f"{getattr(seg_fn, '__module__', '')}.{getattr(seg_fn, '__qualname__', seg_fn)}"
+        fn = getattr(seg_fn, "func", seg_fn)  # a configured default segmenter is a partial
+        seg_source = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', fn)}"
         models = _knee_models(seg_fn, seg_source)
     else:
         seg_source = str(seg_path)

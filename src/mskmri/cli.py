@@ -404,8 +404,12 @@ def _run_analyze_knee(args: argparse.Namespace) -> int:
     from mskmri.analyze import analyze_knee
 
     parts = ["mskmri", "analyze", "knee", str(args.image), "--out", str(args.out)]
+    model = None if args.model == "knee-seg" else args.model
+    device = None if args.device == "cpu" else args.device
     for flag, value in (("--seg", args.seg), ("--lesions", getattr(args, "lesions", None)),
-                        ("--detect-bml", getattr(args, "detect_bml", None))):
+                        ("--detect-bml", getattr(args, "detect_bml", None)),
+                        ("--model", model), ("--device", device),
+                        ("--tta", getattr(args, "tta", None))):
         if value:
             parts += [flag, str(value)]
     parts += [f for f, on in (("--overwrite", getattr(args, "overwrite", False)),
@@ -419,7 +423,8 @@ def _run_analyze_knee(args: argparse.Namespace) -> int:
         meshes=not getattr(args, "no_meshes", False), command=command,
         overwrite=getattr(args, "overwrite", False),
         include_phi=getattr(args, "include_phi", False), pdf=getattr(args, "pdf", False),
-        detect_bml=getattr(args, "detect_bml", None),
+        detect_bml=getattr(args, "detect_bml", None), model=args.model, device=args.device,
+        tta=getattr(args, "tta", None),
     )
     log.info("wrote %d files to %s", len(res.files), res.out_dir)
     return EXIT_OK
@@ -428,10 +433,25 @@ def _run_analyze_knee(args: argparse.Namespace) -> int:
 # ============================================================================ segment / analyze
 # One `segment` and one `analyze` command; each anatomy adds its runner to the tables below
 # (spine here; the knee slot is for the knee pipeline: add "knee": _run_segment_knee / ...).
+#: Options of ``segment`` / ``analyze`` that only the knee pipeline reads: dest -> flag.
+_KNEE_ONLY_OPTIONS: dict[str, str] = {"tta": "--tta", "lesions": "--lesions",
+                                      "detect_bml": "--detect-bml", "no_meshes": "--no-meshes"}
+
+
+def _refuse_knee_only(args: argparse.Namespace) -> None:
+    """Raise when a knee-only option was given to a spine command (it would be ignored)."""
+    given = [flag for dest, flag in _KNEE_ONLY_OPTIONS.items() if getattr(args, dest, None)]
+    if given:
+        raise MskMriError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for the "
+                          f"knee only; drop {'it' if len(given) == 1 else 'them'} for "
+                          f"`{args.command} spine`")
+
+
 def _run_segment_spine(args: argparse.Namespace) -> int:
     """``mskmri segment spine IMAGE OUT``: vertebral bodies by level, written with a sidecar."""
     from mskmri.segment.spine import segment_spine_file
 
+    _refuse_knee_only(args)
     res = segment_spine_file(args.image, args.out, model=args.model, device=args.device)
     log.info("wrote %s (%d structures; levels: %s)", args.out, len(res.labels.present_values()),
              res.level_source)
@@ -444,6 +464,7 @@ def _run_analyze_spine(args: argparse.Namespace) -> int:
 
     from mskmri.analyze_spine import analyze_spine
 
+    _refuse_knee_only(args)
     parts = ["mskmri", "analyze", "spine", str(args.image), "--out", str(args.out)]
     parts += [f"--seg={args.seg}"] if args.seg else []
     parts += [f for f, on in (("--overwrite", getattr(args, "overwrite", False)),
@@ -466,7 +487,8 @@ def _run_segment_knee(args: argparse.Namespace) -> int:
     echo = getattr(args, "echo", None)
     labels = segment_knee_file(args.image, args.out, model=args.model, device=args.device,
                                series=getattr(args, "series", None),
-                               echo=int(echo) if echo is not None and echo.is_integer() else echo)
+                               echo=int(echo) if echo is not None and echo.is_integer() else echo,
+                               **({"tta": args.tta} if args.tta else {}))
     log.info("wrote %s (%d structures)", args.out, len(labels.present_values()))
     for warning in labels.meta.get("warnings", []):
         log.warning("%s", warning)
@@ -497,6 +519,10 @@ def _add_segment(sub: Any) -> None:
     p.add_argument("--series", default=None, help="DICOM series of IMAGE (folder input)")
     p.add_argument("--echo", type=float, default=None, metavar="TE_MS_OR_NUMBER",
                    help="echo of a multi-echo DICOM series (TE in ms or echo number)")
+    p.add_argument("--tta", choices=["flip", "none"], default=None,
+                   help="knee: test-time augmentation; flip (default) also runs each network on "
+                   "the left-right mirror and averages, none runs each once (about 30%% less "
+                   "time, slightly lower Dice: benchmarks/results/knee_segmentation.json)")
     p.set_defaults(run=_run_segment)
 
 
@@ -528,8 +554,13 @@ def _add_analyze(sub: Any) -> None:
                    help="knee: detect femoral bone marrow lesions with this method (on a "
                    "fluid-sensitive fat-suppressed image) and report them; not with --lesions")
     p.add_argument("--no-meshes", action="store_true", help="knee: skip meshes and 3-D views")
-    p.add_argument("--model", default=None, help="segmentation model name or *.safetensors")
+    p.add_argument("--model", default=None, help="segmentation model: name or *.safetensors "
+                   "(spine); knee-seg or a `mskmri train knee-seg` output folder (knee)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    p.add_argument("--tta", choices=["flip", "none"], default=None,
+                   help="knee: test-time augmentation; flip (default) also runs each network on "
+                   "the left-right mirror and averages, none runs each once (about 30%% less "
+                   "time, slightly lower Dice: benchmarks/results/knee_segmentation.json)")
     p.set_defaults(run=_run_analyze)
 
 

@@ -1588,7 +1588,8 @@ def _region_from_coarse(clab: np.ndarray, cspacing: Sequence[float], can: Volume
 
 def segment_knee(image: Volume, *, coarse: str | nn.Module = COARSE_MODEL,
                  fine: str | nn.Module = FINE_MODEL, precision: str = DEFAULT_PRECISION,
-                 backend: str = DEFAULT_BACKEND, device: str = "cpu") -> LabelVolume:
+                 backend: str = DEFAULT_BACKEND, device: str = "cpu",
+                 tta: str = DEFAULT_TTA) -> LabelVolume:
     """Segment the 17 knee classes of a 3-D MR image of any contrast and orientation.
 
     Parameters
@@ -1601,6 +1602,9 @@ def segment_knee(image: Volume, *, coarse: str | nn.Module = COARSE_MODEL,
         Autocast of the torch backend (default :data:`DEFAULT_PRECISION`).
     backend : {"torch", "onnx"}
     device : str
+    tta : {"flip", "none"}
+        Test-time augmentation (default :data:`DEFAULT_TTA`): ``"flip"`` also runs each
+        network on the left-right mirror and averages; ``"none"`` runs each once (faster).
 
     Returns
     -------
@@ -1616,14 +1620,15 @@ def segment_knee(image: Volume, *, coarse: str | nn.Module = COARSE_MODEL,
     KneeSegmentationError
         2-D input, a label map, unknown geometry, a constant image.
     """
-    seg = KneeSegmenter(coarse, fine, precision=precision, backend=backend, device=device)
+    seg = KneeSegmenter(coarse, fine, precision=precision, backend=backend, device=device,
+                        tta=tta)
     try:
         return seg.run(image).labels
     finally:
         seg.close()
 
 
-def _models_of(model: str | None) -> tuple[str, str]:
+def knee_model_pair(model: str | None) -> tuple[str, str]:
     """(coarse, fine) model names/paths from the CLI's ``--model``.
 
     None or ``"knee-seg"``: the shipped pair; a folder: its ``knee-seg-coarse.safetensors``
@@ -1648,12 +1653,13 @@ def segment_knee_file(image_path: str | os.PathLike[str], out_path: str | os.Pat
                       model: str | None = None, device: str = "cpu",
                       series: str | None = None, echo: float | int | None = None,
                       precision: str = DEFAULT_PRECISION,
-                      backend: str = DEFAULT_BACKEND) -> LabelVolume:
+                      backend: str = DEFAULT_BACKEND, tta: str = DEFAULT_TTA) -> LabelVolume:
     """Read an image (file or DICOM folder), segment it and write the label map atomically.
 
     The sidecar (``OUT`` with ``.json``) holds the label names plus a ``"segmentation"``
-    record: models, precision, region (RAS mm), timings and warnings. ``series`` and
-    ``echo`` choose one stack of a DICOM folder (see :func:`mskmri.io.read`).
+    record: models, precision, TTA, region (RAS mm), timings and warnings. ``series`` and
+    ``echo`` choose one stack of a DICOM folder (see :func:`mskmri.io.read`); ``tta`` as in
+    :func:`segment_knee`.
 
     Returns
     -------
@@ -1663,9 +1669,9 @@ def segment_knee_file(image_path: str | os.PathLike[str], out_path: str | os.Pat
     from mskmri.io import atomic_write_json, read, sidecar_path, write
 
     image = read(image_path, series=series, echo=echo)
-    coarse, fine = _models_of(model)
+    coarse, fine = knee_model_pair(model)
     labels = segment_knee(image, coarse=coarse, fine=fine, precision=precision,
-                          backend=backend, device=device)
+                          backend=backend, device=device, tta=tta)
     write(labels, out_path)
     side = labels.sidecar()
     side["segmentation"] = {"image": str(image_path), **{k: v for k, v in labels.meta.items()
