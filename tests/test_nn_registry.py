@@ -196,3 +196,14 @@ def test_read_card_reports_bad_json(saved: tuple[UNet, Path]) -> None:
     path.with_suffix(".json").write_text("{not json")
     with pytest.raises(ModelError, match="not readable JSON"):
         read_card(path)
+
+
+def test_unusable_device_is_one_clear_error(saved: tuple[UNet, Path]) -> None:
+    _, path = saved
+    with pytest.raises(ModelError, match="not a torch device"):
+        load_model(path, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="CUDA is not available"):
+            load_model(path, device="cuda")
+    model, _ = load_model(path, device="cpu")
+    assert next(model.parameters()).device.type == "cpu"

@@ -284,6 +284,16 @@ def test_cli_bad_input_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert not (tmp_path / "seg.nii.gz").exists()
     assert main(["segment", "spine", str(tmp_path / "nope.nii.gz"),
                  str(tmp_path / "seg.nii.gz")]) == 2
+    capsys.readouterr()
+    # a device this machine cannot use: one line before any work, nothing written
+    sag = tmp_path / "sagittal.nii.gz"
+    write(Volume(np.random.default_rng(0).random((8, 32, 32)).astype(np.float32),
+                 np.diag([4.0, 0.5, 0.5, 1.0])), sag)
+    assert main(["segment", "spine", str(sag), str(tmp_path / "seg.nii.gz"),
+                 "--device", "gpu"]) == 2
+    err = capsys.readouterr().err
+    assert "not a torch device" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "seg.nii.gz").exists()
 
 
 # ----------------------------------------------------------------------------- real data

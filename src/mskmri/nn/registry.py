@@ -300,6 +300,27 @@ def resolve_weights(name_or_path: str | Path) -> tuple[Path, ModelEntry | None]:
                      f"models: {sorted(MODELS) or 'none yet'}; or give a *.safetensors path")
 
 
+def check_device(device: str) -> None:
+    """Raise :class:`ModelError` when ``device`` is not a torch device usable here.
+
+    Checked before anything is loaded, so ``--device cuda`` on a machine without CUDA (or a
+    misspelt device) is one clear line, not a traceback from deep inside torch.
+    """
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ModelError(f"--device {device!r} is not a torch device; use cpu, cuda or "
+                         "cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"--device {device} asked for, but CUDA is not available on this "
+                         "machine (or this torch build); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelError(f"--device {device}: this machine has "
+                         f"{torch.cuda.device_count()} CUDA device(s)")
+
+
 def load_model(name_or_path: str | Path, *, device: str = "cpu",
                verify: bool = True) -> tuple[nn.Module, ModelCard]:
     """Load a registered model or a ``*.safetensors`` file with its card; never unpickles.
@@ -318,10 +339,17 @@ def load_model(name_or_path: str | Path, *, device: str = "cpu",
     model : nn.Module
         In eval mode, on ``device``.
     card : ModelCard
+
+    Raises
+    ------
+    ModelError
+        Unknown model, missing or altered weights, a card that does not fit, or a device
+        that is not usable here (:func:`check_device`).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    check_device(device)
     path, _ = resolve_weights(name_or_path)
     card = read_card(path)
     if verify:
