@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mskmri import __version__
-from mskmri.errors import ModelError
+from mskmri.errors import ModelError, MskMriError
 from mskmri.weights import MODEL_SIZE_BUDGET_MB, MODELS, ModelEntry
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
     from torch import nn
 
 log = logging.getLogger(__name__)
@@ -300,25 +301,34 @@ def resolve_weights(name_or_path: str | Path) -> tuple[Path, ModelEntry | None]:
                      f"models: {sorted(MODELS) or 'none yet'}; or give a *.safetensors path")
 
 
-def check_device(device: str) -> None:
-    """Raise :class:`ModelError` when ``device`` is not a torch device usable here.
+def check_device(device: str, error: type[MskMriError] = ModelError) -> torch.device:
+    """``device`` as a torch device, or ``error`` when it is not one usable here.
 
-    Checked before anything is loaded, so ``--device cuda`` on a machine without CUDA (or a
-    misspelt device) is one clear line, not a traceback from deep inside torch.
+    Checked before anything is loaded or trained, so ``--device cuda`` on a machine without
+    CUDA (or a misspelt device) is one clear line, not a traceback from deep inside torch.
+    Shared by :func:`load_model` and :func:`mskmri.nn.train.resolve_device`.
+
+    Parameters
+    ----------
+    device : str
+        ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ...
+    error : type
+        The :class:`~mskmri.errors.MskMriError` subclass raised.
     """
     import torch
 
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError, TypeError):
-        raise ModelError(f"--device {device!r} is not a torch device; use cpu, cuda or "
-                         "cuda:N") from None
+        raise error(f"--device {device!r} is not a torch device; use cpu, cuda or "
+                    "cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"--device {device} asked for, but CUDA is not available on this "
-                         "machine (or this torch build); use --device cpu")
+        raise error(f"--device {device} asked for, but CUDA is not available on this "
+                    "machine (or this torch build); use --device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ModelError(f"--device {device}: this machine has "
-                         f"{torch.cuda.device_count()} CUDA device(s)")
+        raise error(f"--device {device}: this machine has "
+                    f"{torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 def load_model(name_or_path: str | Path, *, device: str = "cpu",

@@ -187,10 +187,9 @@ def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
     if spec == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() \
             else torch.device("cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"device {spec!r} asked for but CUDA is not available; use "
-                            "--device auto or cpu")
+    from mskmri.nn.registry import check_device
+
+    dev = check_device(spec, TrainingError)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device(f"cuda:{local_rank}")
     return dev
