@@ -11,8 +11,10 @@ What it does (issue 6, "Segmentation" and the cervical targets of "Measurements"
   slices of one fold of :data:`mskmri.segment._spine_data.U2AD_FOLDS` only; every slice is
   segmented by the model that did **not** see it (fold "a" = the shipped model, trained on
   private_1 and private_2, scores private_3 and the three public slices; a fold "b" model,
-  trained on private_3, scores private_1 and private_2). The model cards are checked: a slice
-  a model was trained on is never scored with it.
+  trained on private_3, scores private_1 and private_2). The model cards, and those of the
+  ensemble members each card lists (the shipped spine-seg is a two-model ensemble; give the
+  fold-b model the same way: a card whose ``ensemble_members`` names its member), are checked:
+  a slice any network of a fold was trained on is never scored with that fold.
 - The manual reference is measured exactly as ``benchmarks/spine_measurements.py`` does
   (single-class bodies/discs split from the top, the top body C2 when complete). The
   prediction is measured as ``mskmri analyze spine`` would: the label map of
@@ -92,16 +94,15 @@ CORD_DIAGNOSIS = (
 )
 #: What changed in this run and what prompted it.
 CHANGE = {
-    "pipeline": "the bodies-only partner only vetoes whole bone regions (segment.spine.veto_bone; "
-                "was: averaged bone probability) and is not used when its veto would make the C2 "
-                "rule hold (public_3 came out 'C2' with an off-column region as 'C3'; prompted by "
-                "looking at public_3, a Dice-only slice of fold a); the column filter takes the "
-                "median over at least 5 instances (prompted by private_1/private_2, test slices "
-                "of fold b: a region 50 mm behind the column at the top edge stayed because the "
-                "median of two centroids is their midpoint; no number here changed by it)",
-    "models": "both folds fine-tuned 900 steps with rotation augmentation 30 deg (was 12), "
-              "chosen on the lumbar validation exams; the fold-b model was first re-trained with "
-              "the previous recipe (same outputs as the previous fold-b model on every slice)",
+    "pipeline": "the main network's class probabilities are the mean over the model and the "
+                "ensemble members its card lists (segment.spine.MEMBERS_KEY); nothing else "
+                "changed",
+    "models": "each fold is now a two-model ensemble, the fold's previous model and that model "
+              "trained on for 4000 more steps (same recipe, seed 3, best lumbar-validation "
+              "check: fold a step 3600 = the shipped spine-seg-2, fold b step 2700); adopted "
+              "for the shipped model under a rule fixed beforehand on the lumbar validation "
+              "exams (benchmarks/results/spine_segmentation.json); the U2AD numbers here did "
+              "not decide it",
 }
 #: radiospineomics slices: (folder, image, masks) with pixel spacing from the files.
 RADIOSPINEOMICS = ("P0741_756", "P0741_757")
@@ -269,6 +270,15 @@ def _card(model: str) -> Any:
     return read_card(resolve_weights(model)[0])
 
 
+def _member_cards(model: str, card: Any) -> list[Any]:
+    """Cards of the ensemble members ``card`` lists (files beside ``model``'s)."""
+    from mskmri.nn.registry import read_card, resolve_weights
+    from mskmri.segment.spine import MEMBERS_KEY
+
+    folder = resolve_weights(model)[0].parent
+    return [read_card(folder / name) for name in (card.extra or {}).get(MEMBERS_KEY) or []]
+
+
 
 def _mean_abs(xs: list[float]) -> float | None:
     return _r(float(np.mean(np.abs(xs)))) if xs else None
@@ -293,7 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     data = Path(data)
     cards = {"a": _card(args.model_a), "b": _card(args.model_b)}
     models = {"a": args.model_a, "b": args.model_b}
-    trained = {f: set((c.extra or {}).get("u2ad_trained") or []) for f, c in cards.items()}
+    members = {f: _member_cards(models[f], c) for f, c in cards.items()}
+    # a slice any network of a fold (model or ensemble member) was trained on is that fold's
+    trained = {f: set().union(*[set((x.extra or {}).get("u2ad_trained") or [])
+                                for x in (c, *members[f])]) for f, c in cards.items()}
     previous = _previous(args.out)
     t0 = time.perf_counter()
     npz = np.load(data / "spine" / sd.U2AD_FILE)
@@ -352,7 +365,10 @@ def main(argv: list[str] | None = None) -> int:
                     "other jobs: timings are upper bounds"},
         "git_commit": git_commit(),
         "models": {f: {"path": models[f], "sha256": c.sha256, "command": c.command,
-                       "u2ad_trained": sorted(trained[f])} for f, c in cards.items()},
+                       "u2ad_trained": sorted(trained[f]),
+                       "ensemble_members": [{"sha256": m.sha256, "command": m.command}
+                                            for m in members[f]]}
+                   for f, c in cards.items()},
         "targets": {"cobb_C2_C7_abs_diff_deg": TARGET_COBB_DEG,
                     "mscc_abs_diff_points": TARGET_MSCC_POINTS},
         "u2ad": slices,

@@ -260,6 +260,81 @@ def test_segment_writes_labels_on_the_input_grid(rng: np.random.Generator, tmp_p
     assert not back.array[~truth_bodies].any()
 
 
+class _Card:
+    """Stand-in model card: a name, no sha256, the spine network classes, ``extra``."""
+
+    def __init__(self, name: str, extra: dict | None = None,
+                 labels: dict | None = None) -> None:
+        self.name, self.sha256 = name, f"sha-{name}"
+        self.extra = extra or {}
+        self.labels = labels if labels is not None else {str(k): v
+                                                         for k, v in sd.NET_CLASSES.items()}
+
+
+def _ensemble_stand_ins(monkeypatch: pytest.MonkeyPatch, member_labels: dict | None = None,
+                        ) -> Volume:
+    """Main network: 5 bodies, the lowest only at probability 0.6; its one ensemble member:
+    the same bodies but background (0.9) at the lowest. Returns the image (RAS, 1 mm)."""
+    truth = class_phantom(5, sacrum_gap=None)
+    image = Volume((truth.array > 0).astype(np.float32) * 100 + 10, truth.affine)
+    low = _body_rows(5)[-1]
+
+    def fake_load(name: object, **_: object) -> tuple[str, _Card]:
+        if str(name).endswith("member.safetensors"):
+            return "member", _Card("member", labels=member_labels)
+        return "main", _Card("main", extra={sp.MEMBERS_KEY: ["member.safetensors"]})
+
+    def fake_probabilities(model: str, canonical: np.ndarray, *_: object) -> np.ndarray:
+        prob = np.zeros((sd.N_CLASSES, *canonical.shape), np.float32)
+        body = canonical > 0.5
+        # canonical (R, I, P): the lowest body is at the largest I rows
+        rows = np.zeros(canonical.shape[1], bool)
+        rows[SHAPE[2] - low[1]:SHAPE[2] - low[0]] = True
+        lowest = body & rows[None, :, None]
+        prob[sp.NET_BODY] = body
+        prob[sp.NET_BODY][lowest] = 0.6 if model == "main" else 0.1
+        prob[0] = 1.0 - prob[sp.NET_BODY]
+        return prob
+
+    monkeypatch.setattr(sp, "_class_probabilities", fake_probabilities)
+    monkeypatch.setattr("mskmri.nn.registry.load_model", fake_load)
+    monkeypatch.setattr("mskmri.nn.registry.resolve_weights",
+                        lambda name: (Path("/weights") / "main.safetensors", None))
+    return image
+
+
+def test_ensemble_members_probabilities_are_averaged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A body the main network finds at 0.6 and its member at 0.1 (mean 0.35 < the mean
+    background 0.65) is gone with the ensemble and kept without it; the member is recorded."""
+    image = _ensemble_stand_ins(monkeypatch)
+    with_members = sp.segment_spine(image)
+    alone = sp.segment_spine(image, ensemble=False)
+    n_with = len([v for v in with_members.labels.present_values() if is_vertebra(v)])
+    n_alone = len([v for v in alone.labels.present_values() if is_vertebra(v)])
+    assert (n_alone, n_with) == (5, 4)
+    assert with_members.info["ensemble_members"] == [{"file": "member.safetensors",
+                                                      "sha256": "sha-member"}]
+    assert alone.info["ensemble_members"] is None
+
+
+def test_ensemble_member_with_other_classes_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    image = _ensemble_stand_ins(monkeypatch, member_labels={"0": "background", "1": "body"})
+    with pytest.raises(ModelError, match="other classes"):
+        sp.segment_spine(image)
+
+
+def test_shipped_ensemble_members_load() -> None:
+    """The shipped spine-seg card lists its member; the member is shipped, matches its card
+    and has the same classes."""
+    from mskmri.nn.registry import read_card, resolve_weights
+
+    card = read_card(resolve_weights("spine-seg")[0])
+    members = card.extra[sp.MEMBERS_KEY]
+    assert members == ["spine-seg-2.safetensors"]
+    nets, info = sp._load_members("spine-seg", card, "cpu")
+    assert len(nets) == 1 and info[0]["sha256"] == read_card(MODELS["spine-seg-2"].path).sha256
+
+
 def test_missing_weights_name_the_train_command(monkeypatch: pytest.MonkeyPatch,
                                                 tmp_path: Path) -> None:
     from mskmri.weights import ModelEntry

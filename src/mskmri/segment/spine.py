@@ -8,7 +8,9 @@ Pipeline
    data is refused with a :class:`~mskmri.errors.GeometryError` naming what is missing.
 2. Reorient to the canonical grid (R, I, P), resample in-plane to 1 mm, normalise intensities
    (0.5-99.5 percentiles), run the 2-D U-Net ``spine-seg`` on every sagittal slice with the
-   sliding-window inferer (:class:`mskmri.nn.inference.SlidingWindowInferer`). When the model
+   sliding-window inferer (:class:`mskmri.nn.inference.SlidingWindowInferer`); when the card
+   lists ensemble members (:data:`MEMBERS_KEY`: the shipped model has one, a continuation of
+   its own training), their class probabilities are averaged with the model's. When the model
    card names a bodies-only partner network (``bone_ensemble``), the partner may only *veto*
    whole bone regions of the main network (:func:`veto_bone`): a connected bone region that
    the two networks' mean bone probability does not confirm over at least
@@ -59,7 +61,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mskmri.errors import MskMriError
+from mskmri.errors import ModelError, MskMriError
 from mskmri.labels import (
     CSF,
     DISC_OFFSET,
@@ -84,6 +86,9 @@ DEFAULT_MODEL = "spine-seg"
 #: Model-card ``extra`` key naming a background/body/sacrum network (a weight file beside the
 #: model's) that vetoes the model's bone regions the two do not agree on (:func:`veto_bone`).
 BONE_ENSEMBLE_KEY = "bone_ensemble"
+#: Model-card ``extra`` key listing weight files beside the model's (same architecture and
+#: classes) whose class probabilities are averaged with the model's (:func:`_mean_probabilities`).
+MEMBERS_KEY = "ensemble_members"
 #: A bone region of the main network (26-connected, 3-D) is kept when at least this fraction
 #: of its voxels is bone by the mean probability of the two networks (:func:`veto_bone`).
 VETO_AGREEMENT = 0.5
@@ -210,6 +215,44 @@ def _class_probabilities(model: nn.Module, image: np.ndarray, slice_spacing_mm: 
     if image.shape[0] >= 3 and slice_spacing_mm <= SMOOTH_MAX_SPACING_MM:
         prob = ndimage.convolve1d(prob, np.full(3, 1.0 / 3.0), axis=1, mode="nearest")
     return prob
+
+
+def _mean_probabilities(models: list[nn.Module], image: np.ndarray, slice_spacing_mm: float,
+                        batch_size: int) -> np.ndarray:
+    """Mean of :func:`_class_probabilities` over ``models`` (same classes): ``(K, L, H, W)``."""
+    prob = _class_probabilities(models[0], image, slice_spacing_mm, batch_size)
+    for other in models[1:]:
+        prob += _class_probabilities(other, image, slice_spacing_mm, batch_size)
+    if len(models) > 1:
+        prob /= len(models)
+    return prob
+
+
+def _load_members(model: str, card: Any,
+                  device: str) -> tuple[list[nn.Module], list[dict[str, str]]]:
+    """The networks named under :data:`MEMBERS_KEY` in ``card``, loaded from beside ``model``.
+
+    Raises
+    ------
+    ModelError
+        A member file is missing, does not match its card, or has other classes.
+    """
+    from mskmri.nn.registry import load_model, resolve_weights
+
+    names = list((getattr(card, "extra", None) or {}).get(MEMBERS_KEY) or [])
+    if not names:
+        return [], []
+    folder = resolve_weights(str(model))[0].parent
+    nets: list[nn.Module] = []
+    info: list[dict[str, str]] = []
+    for name in names:
+        net, member_card = load_model(folder / name, device=device)
+        if dict(member_card.labels) != dict(card.labels):
+            raise ModelError(f"ensemble member {folder / name} has other classes than "
+                             f"{model}; its card must list the same labels")
+        nets.append(net)
+        info.append({"file": str(name), "sha256": member_card.sha256})
+    return nets, info
 
 
 def predict_canonical(model: nn.Module, image: np.ndarray, *, slice_spacing_mm: float = 1.0,
@@ -684,7 +727,8 @@ def add_soft_tissue(labels: LabelVolume,
 
 # ----------------------------------------------------------------------------- public API
 def segment_spine(image: Volume, *, model: str | os.PathLike[str] = DEFAULT_MODEL,
-                  device: str = "cpu", bone_ensemble: bool = True) -> SpineSegmentation:
+                  device: str = "cpu", bone_ensemble: bool = True,
+                  ensemble: bool = True) -> SpineSegmentation:
     """Segment the vertebral bodies, discs, cord and CSF of a sagittal spine MRI.
 
     Parameters
@@ -699,6 +743,10 @@ def segment_spine(image: Volume, *, model: str | os.PathLike[str] = DEFAULT_MODE
         Let the bodies-only partner network named in the card veto whole bone regions
         (:func:`veto_bone`; default; never on a spine whose levels come out from C2). False:
         the model alone.
+    ensemble : bool
+        Average the class probabilities of the model with those of the networks its card lists
+        under :data:`MEMBERS_KEY` (default; the shipped ``spine-seg`` has one, which doubles
+        the network time). False: the model's own probabilities.
 
     Returns
     -------
@@ -722,6 +770,7 @@ def segment_spine(image: Volume, *, model: str | os.PathLike[str] = DEFAULT_MODE
     can = sd.to_canonical(image)
     norm = sd.normalise(can.array)
     net, card = load_model(str(model), device=device)
+    members, member_info = _load_members(str(model), card, device) if ensemble else ([], [])
     bone_net = None
     partner = (getattr(card, "extra", None) or {}).get(BONE_ENSEMBLE_KEY)
     if partner and bone_ensemble:
@@ -732,7 +781,7 @@ def segment_spine(image: Volume, *, model: str | os.PathLike[str] = DEFAULT_MODE
     import torch
 
     with torch.no_grad():
-        prob = _class_probabilities(net, norm, can.spacing[0], 2)
+        prob = _mean_probabilities([net, *members], norm, can.spacing[0], 2)
         class_vol = LabelVolume(prob.argmax(0).astype(np.uint8), can.affine,
                                 dict(sd.NET_CLASSES), schema="custom")
         labels_can, source, warnings = assign_levels(class_vol)
@@ -770,6 +819,7 @@ def segment_spine(image: Volume, *, model: str | os.PathLike[str] = DEFAULT_MODE
         log.warning("%s", w)
     info = {"model": card.name, "model_sha256": card.sha256,
             "bone_ensemble": partner if fused else None,
+            "ensemble_members": member_info or None,
             "canonical_shape": list(can.shape),
             "seconds": {"load": round(t1 - t0, 3), "network": round(t2 - t1, 3),
                         "postprocess": round(time.perf_counter() - t2, 3)}}

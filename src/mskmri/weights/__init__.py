@@ -109,12 +109,19 @@ MODELS["spine-seg"] = ModelEntry(
     "spine-seg.safetensors", "spine-seg",
     "2-D U-Net: vertebral bodies, sacrum (S1), discs, spinal cord and CSF on sagittal spine "
     "MRI, T1/T2 (real partially labelled sources, marginal loss; 1800 CPU steps warm-started "
-    "from spine-seg-bodies, then 900 steps with 30 deg rotation augmentation)",
+    "from spine-seg-bodies, then 900 steps with 30 deg rotation augmentation); its class "
+    "probabilities are averaged with spine-seg-2's",
     caveat=("the spine model's discs, cord and CSF are first results from few labelled images "
             "(discs: one lumbar exam and two cervical slices; CSF: partial labels only; checked "
             "on 1 held-out clinical cervical slice and 2 lumbar slices, "
             "benchmarks/results/spine_cervical.json): treat disc, cord and CSF masks and the "
             "cord measurements made from them as unvalidated"))
+
+MODELS["spine-seg-2"] = ModelEntry(
+    "spine-seg-2.safetensors", "spine-seg",
+    "2-D U-Net, same classes as spine-seg: spine-seg trained on for 4000 more CPU steps "
+    "(seed 3); the second member of the spine-seg ensemble (class probabilities averaged), "
+    "not used alone")
 
 MODELS["spine-seg-bodies"] = ModelEntry(
     "spine-seg-bodies.safetensors", "spine-seg",
