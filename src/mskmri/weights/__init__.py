@@ -52,10 +52,10 @@ class ModelEntry:
 
 
 _KNEE_SEG_CAVEAT = (
-    "the shipped knee segmentation model is a CPU training run (coarse 14500 and fine 68500 "
+    "the shipped knee segmentation model is a CPU training run (coarse 11000 and fine 59000 "
     "steps on one shared thread) short of the issue-3 targets on held-out renders: mean Dice "
-    "bones 0.93 (femur 0.97, tibia 0.95, patella 0.94, fibula 0.85), cartilage 0.77, menisci "
-    "0.72, ligaments 0.63-0.81, effusion 0.79 (benchmarks/results/knee_segmentation.json); "
+    "bones 0.92 (femur 0.97, tibia 0.95, patella 0.94, fibula 0.83), cartilage 0.77, menisci "
+    "0.71, ligaments 0.59-0.80, effusion 0.79 (benchmarks/results/knee_segmentation.json); "
     "it has never been scored on a real knee scan with manual labels: check the overlays, and "
     "treat cartilage thickness, meniscal, ligament and effusion numbers as rough; pass a "
     "segmentation with --seg or continue `mskmri train knee-seg --resume` on a GPU"
@@ -66,11 +66,11 @@ MODELS: dict[str, ModelEntry] = {
     "knee-seg-coarse": ModelEntry(
         "knee-seg-coarse.safetensors", "knee-seg",
         "knee: coarse 3-D U-Net at 2 mm (finds the knee region, confirms the fine network's "
-        "large classes; 14500 CPU steps)",
+        "large classes; 8000 CPU steps)",
         caveat=_KNEE_SEG_CAVEAT),
     "knee-seg-fine": ModelEntry(
         "knee-seg-fine.safetensors", "knee-seg",
-        "knee: fine 3-D U-Net at 0.8 mm, 17 classes (68500 CPU steps)",
+        "knee: fine 3-D U-Net at 0.8 mm, 17 classes (30000 CPU steps)",
         caveat=_KNEE_SEG_CAVEAT),
 }
 
