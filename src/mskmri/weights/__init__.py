@@ -66,11 +66,11 @@ MODELS: dict[str, ModelEntry] = {
     "knee-seg-coarse": ModelEntry(
         "knee-seg-coarse.safetensors", "knee-seg",
         "knee: coarse 3-D U-Net at 2 mm (finds the knee region, confirms the fine network's "
-        "large classes; 8000 CPU steps)",
+        "large classes; 11000 CPU steps)",
         caveat=_KNEE_SEG_CAVEAT),
     "knee-seg-fine": ModelEntry(
         "knee-seg-fine.safetensors", "knee-seg",
-        "knee: fine 3-D U-Net at 0.8 mm, 17 classes (30000 CPU steps)",
+        "knee: fine 3-D U-Net at 0.8 mm, 17 classes (59000 CPU steps)",
         caveat=_KNEE_SEG_CAVEAT),
 }
 
