@@ -2,8 +2,9 @@
 
 Runs the default-size 3-D U-Net of :mod:`mskmri.nn.unet` (random, seeded weights, 18 output
 classes as the knee schema has) over a 160x384x384 volume with :class:`SlidingWindowInferer`,
-once per variant, each in its own process so that its peak resident memory (``ru_maxrss``)
-is its own. Reports wall time (set-up such as the ONNX export apart), where the time went
+``--repeats`` times per variant (median reported; this 2-core host is shared and single runs
+drift by tens of percent), each variant in its own process so that its peak resident memory
+(``ru_maxrss``) is its own. Reports wall time (set-up such as the ONNX export apart), where the time went
 (forward passes vs blending), peak RSS, and how many voxels' arg-max labels agree with fp32.
 
 The input is a smooth seeded random field (low-resolution noise, trilinearly upsampled, plus
@@ -85,15 +86,18 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
     # warm-up on one window: one-time kernel selection is set-up, not inference
     inferer.labels(image[tuple(slice(0, p) for p in args.patch)])
     setup_s = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    labels = inferer.labels(image)
-    seconds = time.perf_counter() - t1
+    runs: list[float] = []
+    for _ in range(args.repeats):
+        t1 = time.perf_counter()
+        labels = inferer.labels(image)
+        runs.append(time.perf_counter() - t1)
     np.save(args.labels_out, labels)
-    st = inferer.stats
+    st = inferer.stats  # of the last run
     inferer.close()
     return {
         "variant": args.child, "backend": backend, "precision": precision,
-        "channels_last": channels_last, "seconds": round(seconds, 2),
+        "channels_last": channels_last, "seconds": round(float(np.median(runs)), 2),
+        "seconds_runs": [round(r, 2) for r in runs],
         "setup_seconds": round(setup_s, 2), "windows": st.windows,
         "forward_seconds": round(st.forward_s, 2), "blend_seconds": round(st.blend_s, 2),
         "argmax_seconds": round(float(st.extra.get("argmax_s", 0.0)), 2),
@@ -130,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", type=int, default=KNEE_CLASSES)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="full-volume runs per variant (the median is reported)")
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
@@ -149,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                    "--shape", *map(str, args.shape), "--patch", *map(str, args.patch),
                    "--overlap", str(args.overlap), "--batch-size", str(args.batch_size),
                    "--classes", str(args.classes), "--threads", str(args.threads),
-                   "--seed", str(args.seed)]
+                   "--seed", str(args.seed), "--repeats", str(args.repeats)]
             env = {**os.environ, "MSKMRI_NO_PROGRESS": "1"}
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
@@ -158,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             res = json.loads(proc.stdout.strip().splitlines()[-1])
             labels[variant] = np.load(lab)
             results.append(res)
-            sys.stderr.write(f"{variant}: {res['seconds']} s, peak RSS {res['peak_rss_mb']} MB\n")
+            sys.stderr.write(f"{variant}: median {res['seconds']} s of {res['seconds_runs']}, "
+                             f"peak RSS {res['peak_rss_mb']} MB\n")
     machine["load_average_at_end"] = list(os.getloadavg())
     ref = labels.get("fp32")
     for res in results:
@@ -176,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
                    "weights)",
         "agreement_target": AGREEMENT_TARGET,
         "results": results,
-        "notes": "seconds = one full-volume labels() call after a one-window warm-up; "
+        "repeats": args.repeats,
+        "notes": "seconds = median of `repeats` full-volume labels() calls (all in "
+                 "seconds_runs) after a one-window warm-up; forward/blend/argmax seconds are "
+                 "of the last call; "
                  "peak_rss_mb = ru_maxrss of the variant's own process (volume, network, "
                  "accumulator of classes x volume float32 included). Whole volume, no "
                  "region restriction: segmenters restrict inference to the anatomy's bbox. "

@@ -187,3 +187,20 @@ def test_dicom_input_phi_only_with_include_phi(tmp_path: Path) -> None:
     for value in ("Roe^Richard", "SPN-123", "19551231", "ACC-77", "Example Spine Centre"):
         assert value in html
     assert "Contains patient identifiers" in html
+
+
+def test_report_models_list_every_network_that_ran() -> None:
+    """Model rows: the main model, its ensemble members and the partner that vetoed bone (by
+    their shipped names), then the grading painter; with a given --seg only the painter."""
+    from mskmri.analyze_spine import report_models
+
+    record = {"ensemble_members": [{"file": "spine-seg-2.safetensors", "sha256": "x"}],
+              "bone_ensemble": "spine-seg-bodies.safetensors"}
+    rows = report_models("spine-seg", record)
+    assert [r.name for r in rows] == ["spine-seg", "spine-seg-2", "spine-seg-bodies",
+                                      "vertebra-inpaint"]
+    assert "ensemble member" in rows[1].role and "veto" in rows[2].role
+    assert all("not a shipped model" not in r.version for r in rows)
+    no_veto = report_models("spine-seg", {"ensemble_members": None, "bone_ensemble": None})
+    assert [r.name for r in no_veto] == ["spine-seg", "vertebra-inpaint"]
+    assert [r.name for r in report_models("spine-seg", None)] == ["vertebra-inpaint"]

@@ -133,6 +133,40 @@ class SpineAnalysisResult:
     timings_s: dict[str, float] = field(default_factory=dict)
 
 
+def _shipped_name(file: str) -> str:
+    """Public name of the shipped model stored in weight file ``file`` (else ``file``)."""
+    from mskmri.weights import MODELS
+
+    return next((name for name, e in MODELS.items() if e.file == Path(file).name), file)
+
+
+def report_models(model: str, segmentation: dict[str, Any] | None) -> list[Any]:
+    """The report's model rows: the networks that segmented (``segmentation`` is the record of
+    :func:`mskmri.segment.spine.segment_spine`, None for a given ``--seg``) and the
+    pseudo-healthy vertebra painter of the grading, which runs in every analysis.
+
+    Returns
+    -------
+    list of mskmri.report.html.ModelInfo
+        Main model, its ensemble members (class probabilities averaged), the bodies-only
+        partner when it vetoed bone, then the painter.
+    """
+    from mskmri.anomaly.vertebra_inpaint import DEFAULT_MODEL as PAINTER
+    from mskmri.report.html import model_info
+
+    rows = []
+    if segmentation is not None:
+        rows.append(model_info(model, "vertebral bodies, discs, cord and CSF"))
+        for member in segmentation.get("ensemble_members") or []:
+            rows.append(model_info(_shipped_name(member["file"]),
+                                   f"ensemble member of {model} (class probabilities averaged)"))
+        if segmentation.get("bone_ensemble"):
+            rows.append(model_info(_shipped_name(segmentation["bone_ensemble"]),
+                                   "bone veto (bodies-only partner network)"))
+    rows.append(model_info(PAINTER, "pseudo-healthy vertebra (height loss, Genant grade)"))
+    return rows
+
+
 def analyze_spine(image_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                   seg_path: str | os.PathLike[str] | None = None, model: str = "spine-seg",
                   device: str = "cpu", command: str | None = None, overwrite: bool = False,
@@ -181,7 +215,7 @@ def analyze_spine(image_path: str | os.PathLike[str], out_dir: str | os.PathLike
     from mskmri.measure.base import describe_input, measurements_document, write_measurements
     from mskmri.measure.spine import analyse_spine
     from mskmri.report.figures import ReportFigure, label_centroid_world, overlay_figure
-    from mskmri.report.html import model_info, write_report
+    from mskmri.report.html import write_report
     from mskmri.report.spine_drawing import spine_drawing
     from mskmri.segment._spine_data import slice_axis
     from mskmri.segment.spine import segment_spine
@@ -225,7 +259,7 @@ def analyze_spine(image_path: str | os.PathLike[str], out_dir: str | os.PathLike
     grading = grade_spine(seg, device=device)
     analysis.measurements.extend(grading.measurements)
     warnings.extend(w for w in grading.warnings if w not in warnings)
-    models = [] if seg_path is not None else [model_info(model, "vertebral bodies")]
+    models = report_models(model, None if seg_path is not None else seg_record)
     context = report_context(image, image_path, seg, anatomy="spine", seg_path=seg_path,
                              models=models, include_phi=include_phi)
     warnings += [w for w in context.qc_warnings() if w not in warnings]
